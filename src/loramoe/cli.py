@@ -1,0 +1,28 @@
+"""`loramoe` command line: a thin shell over the Python API. Each command lives in its own module, which
+provides ``configure_parser(parser)`` and ``run(args) -> int``; only the chosen command's module is imported."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "import-official": ("loramoe.interop", "convert an adapter saved by the reference LoRAMoE code"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="loramoe", description="LoRAMoE adapters for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        module.configure_parser(subparsers[argv[0]])
+    args = parser.parse_args(argv)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
