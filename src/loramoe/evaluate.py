@@ -1,0 +1,453 @@
+"""Score a causal LM on task files: closed-book QA by greedy generation (exact match / token F1 against any
+alias) and multiple-choice tasks by length-normalised log-likelihood (accuracy). This is how the method's two
+claims are measured: world knowledge kept, downstream skill gained.
+
+Task files are JSON lines, one sample per line (blank lines are skipped)::
+
+    {"task": "triviaqa", "type": "generate", "prompt": "Q: ...\\nA:", "answers": ["Paris", "Paris, France"]}
+    {"task": "nli", "type": "choice", "prompt": "... Entailed?", "choices": [" yes", " no"], "answer": 0}
+
+``task`` defaults to the file's stem; ``id`` and ``meta`` are optional and copied to the predictions.
+See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+MAIN_METRIC = {"generate": "exact_match", "choice": "accuracy"}
+_REQUIRED = {"generate": ("prompt", "answers"), "choice": ("prompt", "choices", "answer")}
+_OPTIONAL = ("task", "type", "id", "meta")
+
+
+# ---- task files ----------------------------------------------------------------------------------------------
+@dataclass
+class EvalSample:
+    """One scored sample. ``answers`` for generate tasks; ``choices`` and ``answer`` (an index) for choice tasks;
+    ``source`` is ``file:line``, so that every prediction can be traced back."""
+
+    task: str
+    type: str
+    prompt: str
+    answers: list[str] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+    answer: int = -1
+    source: str = ""
+    id: Any = None
+    meta: Any = None
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be read as documented; the message names the file and line."""
+
+
+def _is_str_list(value: Any, min_len: int) -> bool:
+    return isinstance(value, list) and len(value) >= min_len and all(isinstance(v, str) and v for v in value)
+
+
+def _parse_record(record: Any, where: str, default_task: str) -> EvalSample:
+    def fail(msg: str) -> TaskFileError:
+        return TaskFileError(f"{where}: {msg}")
+
+    if not isinstance(record, dict):
+        raise fail(f"expected a JSON object, got {type(record).__name__}")
+    kind = record.get("type")
+    if kind not in _REQUIRED:
+        raise fail(f"unknown task type {kind!r}; expected 'generate' or 'choice' in the 'type' field")
+    missing = [k for k in _REQUIRED[kind] if k not in record]
+    if missing:
+        raise fail(f"{kind} record is missing {missing}; it needs {list(_REQUIRED[kind])}")
+    unknown = sorted(set(record) - set(_REQUIRED[kind]) - set(_OPTIONAL))
+    if unknown:
+        raise fail(f"unknown keys {unknown} for a {kind} record; allowed: {list(_REQUIRED[kind]) + list(_OPTIONAL)}")
+    task = record.get("task", default_task)
+    if not isinstance(task, str) or not task:
+        raise fail(f"'task' must be a non-empty string, got {task!r}")
+    if not isinstance(record["prompt"], str) or not record["prompt"]:
+        raise fail("'prompt' must be a non-empty string")
+    sample = EvalSample(task=task, type=kind, prompt=record["prompt"], source=where,
+                        id=record.get("id"), meta=record.get("meta"))
+    if kind == "generate":
+        if not _is_str_list(record["answers"], 1):
+            raise fail("'answers' must be a non-empty list of non-empty strings (the accepted aliases)")
+        sample.answers = list(record["answers"])
+    else:
+        if not _is_str_list(record["choices"], 2):
+            raise fail("'choices' must be a list of at least two non-empty strings")
+        answer = record["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(record["choices"]):
+            raise fail(f"'answer' must be the index (0..{len(record['choices']) - 1}) of the correct choice, got {answer!r}")
+        sample.choices, sample.answer = list(record["choices"]), answer
+    return sample
+
+
+def load_tasks(paths: str | Path | Iterable[str | Path], limit: int | None = None) -> list[EvalSample]:
+    """Read JSON-lines task files (format in the module docstring). ``limit`` keeps the first ``limit``
+    samples of each task, in file order. Errors name the file and line."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("load_tasks: no task files given.")
+    samples: list[EvalSample] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"Task file {path} not found.")
+        before = len(samples)
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TaskFileError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                samples.append(_parse_record(record, where, path.stem))
+        if len(samples) == before:
+            raise TaskFileError(f"{path}: no records (expected one JSON object per line).")
+    kinds: dict[str, EvalSample] = {}
+    for s in samples:
+        first = kinds.setdefault(s.task, s)
+        if first.type != s.type:
+            raise TaskFileError(
+                f"{s.source}: task {s.task!r} is a {s.type} task here but a {first.type} task at {first.source}; "
+                "give them different task names."
+            )
+    if limit is not None:
+        seen: Counter[str] = Counter()
+        kept = []
+        for s in samples:
+            seen[s.task] += 1
+            if seen[s.task] <= limit:
+                kept.append(s)
+        samples = kept
+    return samples
+
+
+# ---- answer normalisation and metrics (SQuAD / TriviaQA style) -------------------------------------------------
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation (ASCII and Unicode; underscores become spaces as in TriviaQA), drop the
+    articles a/an/the, collapse whitespace."""
+    text = text.lower().replace("_", " ")
+    text = "".join(ch for ch in text if not _is_punctuation(ch))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _aliases(answers: str | Sequence[str]) -> list[str]:
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if not answers:
+        raise ValueError("At least one reference answer is needed.")
+    return answers
+
+
+def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised alias, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in _aliases(answers)))
+
+
+def _f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, answers: str | Sequence[str]) -> float:
+    """Bag-of-tokens F1 between the normalised prediction and the best-matching alias."""
+    pred = normalize_answer(prediction).split()
+    return max(_f1(pred, normalize_answer(a).split()) for a in _aliases(answers))
+
+
+# ---- model side ------------------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
+    return pad
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id: int | None,
+    max_new_tokens: int,
+    should_stop: Callable[[list[int]], bool] = lambda ids: False,
+) -> list[list[int]]:
+    """Greedy decoding of a batch of token-id prompts with the KV cache. Prompts are left-padded and positions
+    count real tokens only, so every row decodes as it would alone. A row stops at EOS (not returned) or when
+    ``should_stop(its new ids)`` is true; the whole batch stops when every row has."""
+    device = _device_of(model)
+    ids, mask = (t.to(device) for t in _pad(prompts, pad_id, left=True))
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        next_ids = out.logits[:, -1].argmax(dim=-1)
+        for i, tok in enumerate(next_ids.tolist()):
+            if done[i]:
+                continue
+            if tok == eos_id:
+                done[i] = True
+                continue
+            new[i].append(tok)
+            done[i] = should_stop(new[i])
+        if all(done) or step == max_new_tokens - 1:
+            break
+        step = next_ids.masked_fill(torch.tensor(done, device=device), pad_id).unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=step, attention_mask=mask, position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+@torch.inference_mode()
+def choice_logprobs(model: nn.Module, contexts: list[list[int]], options: list[list[int]], pad_id: int) -> list[float]:
+    """Mean log-probability per option token of ``option`` following ``context``, one value per pair.
+    Right padding: the real tokens of each row sit at positions 0.., exactly as without a batch."""
+    device = _device_of(model)
+    seqs = [c + o for c, o in zip(contexts, options)]
+    ids, mask = (t.to(device) for t in _pad(seqs, pad_id, left=False))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    scores = []
+    for i, (c, o) in enumerate(zip(contexts, options)):
+        # the logits at position p predict token p + 1
+        rows = logits[i, len(c) - 1 : len(c) - 1 + len(o)].float().log_softmax(dim=-1)
+        target = torch.tensor(o, device=device).unsqueeze(1)
+        scores.append(rows.gather(1, target).mean().item())
+    return scores
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+@dataclass
+class EvalReport:
+    """Per-task scores (``scores[task][metric]``), counts, per-sample predictions and the settings used.
+    The main metric is exact_match for generate tasks and accuracy for choice tasks; ``mean`` averages the
+    main metric over tasks (each task counts once, whatever its size)."""
+
+    scores: dict[str, dict[str, float]]
+    counts: dict[str, int]
+    types: dict[str, str]
+    predictions: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+    @property
+    def main(self) -> dict[str, float]:
+        return {task: self.scores[task][MAIN_METRIC[self.types[task]]] for task in self.scores}
+
+    @property
+    def mean(self) -> float:
+        return sum(self.main.values()) / len(self.main) if self.main else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean,
+            "tasks": {
+                t: {"type": self.types[t], "n": self.counts[t], "main_metric": MAIN_METRIC[self.types[t]], **self.scores[t]}
+                for t in self.scores
+            },
+            "settings": self.settings,
+        }
+
+    def to_markdown(self) -> str:
+        lines = ["| task | type | n | EM / accuracy (%) | F1 (%) |", "|---|---|---:|---:|---:|"]
+        for t in self.scores:
+            f1 = self.scores[t].get("f1")
+            f1_cell = f"{100 * f1:.1f}" if f1 is not None else "-"
+            lines.append(f"| {t} | {self.types[t]} | {self.counts[t]} | {100 * self.main[t]:.1f} | {f1_cell} |")
+        lines.append(f"| **mean** | | {sum(self.counts.values())} | {100 * self.mean:.1f} | |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``eval.json``, ``eval.md`` and ``predictions.jsonl`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "eval.json", "markdown": out / "eval.md", "predictions": out / "predictions.jsonl"}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        paths["markdown"].write_text(self.to_markdown())
+        paths["predictions"].write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
+        return paths
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: Sequence[EvalSample],
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    progress: bool = True,
+) -> EvalReport:
+    """Score ``samples`` (from `load_tasks`). Generate tasks: greedy decoding, cut at EOS or the first
+    ``stop`` string, EM and token F1 against the aliases. Choice tasks: the option with the highest mean
+    log-prob per token wins. Deterministic: no sampling; samples are batched in a fixed, length-sorted order."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
+    if not samples:
+        raise ValueError("evaluate: no samples.")
+    was_training = model.training
+    model.eval()
+    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    stop = [s for s in stop if s]
+
+    def encode(text: str, special: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    prompts = [encode(s.prompt, True) for s in samples]
+    gen = sorted((i for i, s in enumerate(samples) if s.type == "generate"), key=lambda i: (len(prompts[i]), i))
+    pairs = []  # (sample index, option index, option ids) for every option of every choice sample
+    for i, s in enumerate(samples):
+        for j, text in enumerate(s.choices):
+            ids = encode(text, False)
+            if not ids:
+                raise ValueError(f"{s.source}: choice {j} ({text!r}) encodes to no tokens.")
+            pairs.append((i, j, ids))
+    pairs.sort(key=lambda p: (len(prompts[p[0]]) + len(p[2]), p[0], p[1]))
+    gen_batches, pair_batches = _batches(gen, batch_size), _batches(pairs, batch_size)
+
+    def stopped(ids: list[int]) -> bool:
+        return bool(stop) and any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stop)
+
+    texts: dict[int, str] = {}
+    option_scores: dict[int, list[float]] = {i: [0.0] * len(s.choices) for i, s in enumerate(samples) if s.type == "choice"}
+    bar = tqdm(total=len(gen_batches) + len(pair_batches), desc="eval", unit="batch", disable=not progress)
+    try:
+        for batch in gen_batches:
+            outs = greedy_generate(model, [prompts[i] for i in batch], pad_id, eos_id, max_new_tokens, stopped)
+            for i, ids in zip(batch, outs):
+                texts[i] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)
+            bar.update()
+        for batch in pair_batches:
+            scores = choice_logprobs(model, [prompts[i] for i, _, _ in batch], [ids for _, _, ids in batch], pad_id)
+            for (i, j, _), score in zip(batch, scores):
+                option_scores[i][j] = score
+            bar.update()
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    totals: dict[str, Counter[str]] = {}
+    counts: Counter[str] = Counter()
+    types: dict[str, str] = {}
+    predictions = []
+    for i, s in enumerate(samples):
+        record: dict[str, Any] = {"task": s.task, "source": s.source}
+        if s.id is not None:
+            record["id"] = s.id
+        if s.type == "generate":
+            metrics = {"exact_match": exact_match(texts[i], s.answers), "f1": token_f1(texts[i], s.answers)}
+            record.update(prediction=texts[i], answers=s.answers)
+        else:
+            scores = option_scores[i]
+            picked = max(range(len(scores)), key=lambda j: (scores[j], -j))  # ties go to the first option
+            metrics = {"accuracy": float(picked == s.answer)}
+            record.update(prediction=picked, answer=s.answer, option_scores=scores)
+        record.update(metrics)
+        if s.meta is not None:
+            record["meta"] = s.meta
+        predictions.append(record)
+        totals.setdefault(s.task, Counter()).update(metrics)
+        counts[s.task] += 1
+        types[s.task] = s.type
+    scores = {t: {m: v / counts[t] for m, v in sorted(totals[t].items())} for t in totals}
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "stop": stop, "decoding": "greedy",
+                "choice_score": "mean log-prob per option token"}
+    return EvalReport(scores=scores, counts=dict(counts), types=types, predictions=predictions, settings=settings)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+def configure_parser(parser) -> None:
+    parser.add_argument("--base", required=True,
+                        help="base model: Hugging Face directory, .gguf file, 'smollm2', or a fully fine-tuned checkpoint")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter directory (LoRA or LoRAMoE) to put on the base")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --base)")
+    parser.add_argument("--tasks", nargs="+", required=True, help="JSON-lines task files (see docs/evaluation.md)")
+    parser.add_argument("--out", required=True, help="output directory for eval.json, eval.md, predictions.jsonl")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--stop", action="append", default=None,
+                        help=r"stop string for generation, repeatable; '\n' and '\t' are understood "
+                             r"(default: '\n'; pass --stop '' to stop only at EOS)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N samples of each task")
+    add_model_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_model_options(parser) -> None:
+    """--device and --dtype, shared with `loramoe routes`."""
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def load_for_cli(args) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Model (base [+ adapter]) and tokenizer from the common command-line options."""
+    from .loading import load_model, load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.base, args.adapter, dtype=getattr(torch, args.dtype)).to(device)
+    return model, load_tokenizer(args.tokenizer or args.base)
+
+
+def run(args) -> int:
+    stop = ["\n"] if args.stop is None else [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    samples = load_tasks(args.tasks, limit=args.limit)
+    model, tokenizer = load_for_cli(args)
+    report = evaluate(model, tokenizer, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      stop=stop, progress=not args.no_progress)
+    report.settings.update(base=args.base, adapter=args.adapter, tasks=[str(p) for p in args.tasks], limit=args.limit)
+    paths = report.save(args.out)
+    print(report.to_markdown())
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['predictions']}")
+    return 0
