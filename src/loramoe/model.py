@@ -44,27 +44,27 @@ class RoutingRecord:
     weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     attention_masks: list[torch.Tensor | None] = field(default_factory=list)
 
+    def _token_mask(self, call: int, weights: torch.Tensor) -> torch.Tensor:
+        """1 for real tokens of that call (all ones when it had no 2-D attention mask)."""
+        masks = self.attention_masks
+        mask = masks[call] if -len(masks) <= call < len(masks) else None
+        return torch.ones(weights.shape[:2]) if mask is None else mask.to(weights)
+
     def sample_shares(self, call: int = -1) -> dict[str, torch.Tensor]:
         """Per module, the mean router weight of each sample over its real tokens: [batch, N]."""
-        mask = self.attention_masks[call] if self.attention_masks else None
         out = {}
         for name, calls in self.weights.items():
-            w = calls[call]
-            m = torch.ones(w.shape[:2]) if mask is None or mask.dim() != 2 else mask.to(w)
-            out[name] = importance(w, m) / m.sum(dim=1, keepdim=True).clamp_min(1)
+            m = self._token_mask(call, calls[call])
+            out[name] = importance(calls[call], m) / m.sum(dim=1, keepdim=True).clamp_min(1)
         return out
 
     def expert_shares(self) -> dict[str, torch.Tensor]:
         """Per module, the mean router weight over every real token of every captured call: [N]."""
-        totals: dict[str, torch.Tensor] = {}
+        totals = {}
         for name, calls in self.weights.items():
-            acc, count = 0.0, 0.0
-            for i, w in enumerate(calls):
-                mask = self.attention_masks[i] if i < len(self.attention_masks) else None
-                m = torch.ones(w.shape[:2]) if mask is None or mask.dim() != 2 else mask.to(w)
-                acc = acc + importance(w, m).sum(dim=0)
-                count += float(m.sum())
-            totals[name] = acc / max(count, 1.0)
+            masks = [self._token_mask(i, w) for i, w in enumerate(calls)]
+            weighted = sum(importance(w, m).sum(dim=0) for w, m in zip(calls, masks))
+            totals[name] = weighted / max(sum(float(m.sum()) for m in masks), 1.0)
         return totals
 
 
