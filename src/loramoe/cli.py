@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("loramoe.interop", "convert an adapter saved by the reference LoRAMoE code"),
     "train": ("loramoe.train", "fine-tune with LoRAMoE + LBC (or plain LoRA / full) on instruction files"),
     "eval": ("loramoe.evaluate", "score a model (base, base + adapter, or full checkpoint) on JSON-lines task files"),
+    "routes": ("loramoe.routing", "mean router weight per expert group, dataset and layer of a LoRAMoE model (JSON + PNG)"),
 }
 
 

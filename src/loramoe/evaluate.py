@@ -49,6 +49,11 @@ class EvalSample:
     id: Any = None
     meta: Any = None
 
+    @property
+    def reference(self) -> str:
+        """The correct answer's text: the first alias, or the correct choice."""
+        return self.answers[0] if self.type == "generate" else self.choices[self.answer]
+
 
 class TaskFileError(ValueError):
     """A task file that cannot be read as documented; the message names the file and line."""
@@ -183,18 +188,19 @@ def token_f1(prediction: str, answers: str | Sequence[str]) -> float:
 
 
 # ---- model side ------------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
     return pad
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token-id lists of different lengths, padded on the left or right."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -203,6 +209,10 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
         ids[i, span] = torch.tensor(s, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+def batched(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @torch.inference_mode()
@@ -217,8 +227,8 @@ def greedy_generate(
     """Greedy decoding of a batch of token-id prompts with the KV cache. Prompts are left-padded and positions
     count real tokens only, so every row decodes as it would alone. A row stops at EOS (not returned) or when
     ``should_stop(its new ids)`` is true; the whole batch stops when every row has."""
-    device = _device_of(model)
-    ids, mask = (t.to(device) for t in _pad(prompts, pad_id, left=True))
+    device = model_device(model)
+    ids, mask = (t.to(device) for t in pad_sequences(prompts, pad_id, left=True))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     new: list[list[int]] = [[] for _ in prompts]
@@ -253,9 +263,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def choice_logprobs(model: nn.Module, contexts: list[list[int]], options: list[list[int]], pad_id: int) -> list[float]:
     """Mean log-probability per option token of ``option`` following ``context``, one value per pair.
     Right padding: the real tokens of each row sit at positions 0.., exactly as without a batch."""
-    device = _device_of(model)
+    device = model_device(model)
     seqs = [c + o for c, o in zip(contexts, options)]
-    ids, mask = (t.to(device) for t in _pad(seqs, pad_id, left=False))
+    ids, mask = (t.to(device) for t in pad_sequences(seqs, pad_id, left=False))
     logits = model(input_ids=ids, attention_mask=mask).logits
     scores = []
     for i, (c, o) in enumerate(zip(contexts, options)):
@@ -317,10 +327,6 @@ class EvalReport:
         return paths
 
 
-def _batches(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -339,7 +345,7 @@ def evaluate(
         raise ValueError("evaluate: no samples.")
     was_training = model.training
     model.eval()
-    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     stop = [s for s in stop if s]
 
     def encode(text: str, special: bool) -> list[int]:
@@ -355,7 +361,7 @@ def evaluate(
                 raise ValueError(f"{s.source}: choice {j} ({text!r}) encodes to no tokens.")
             pairs.append((i, j, ids))
     pairs.sort(key=lambda p: (len(prompts[p[0]]) + len(p[2]), p[0], p[1]))
-    gen_batches, pair_batches = _batches(gen, batch_size), _batches(pairs, batch_size)
+    gen_batches, pair_batches = batched(gen, batch_size), batched(pairs, batch_size)
 
     def stopped(ids: list[int]) -> bool:
         return bool(stop) and any(s in tokenizer.decode(ids, skip_special_tokens=True) for s in stop)
