@@ -112,3 +112,27 @@ def bigram_llama(table: torch.Tensor) -> LlamaForCausalLM:
             norm.weight.fill_(v ** -0.5)  # RMSNorm(onehot) = sqrt(v) * onehot
         model.lm_head.weight.copy_(table.T)
     return model.eval()
+
+
+# ---- training: the byte-level tokenizer and tiny random Llama of examples/make_tiny_model.py ----
+def _make_tiny_model_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "make_tiny_model.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """One token per UTF-8 byte plus <s> (0), </s> (1), <pad> (2); has a small chat template; adds no BOS."""
+    return _make_tiny_model_module().byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A saved tiny random Llama (hidden 32, 2 layers) with the byte tokenizer, as `loramoe train --model` takes."""
+    return _make_tiny_model_module().make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=32)
