@@ -251,34 +251,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Writes ``output_dir/checkpoints/checkpoint-<step>`` atomically: every rank writes into a temporary
-    directory, then rank 0 renames it into place and prunes all but the last ``keep_last``."""
+    """Writes ``output_dir/checkpoints/checkpoint-<step>`` atomically: rank 0 writes everything (the other ranks
+    send it their RNG states) into a temporary directory, renames it into place and keeps the last ``keep_last``."""
 
     def __init__(self, accelerator: Any, output_dir: Path, keep_last: int) -> None:
         self.acc, self.root, self.keep_last = accelerator, output_dir / "checkpoints", keep_last
 
     def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+        from accelerate.utils import gather_object
+
         acc = self.acc
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = self.root / f".tmp-{CHECKPOINT_PREFIX}{step}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
-        weights = _trainable_state(acc.unwrap_model(model))
+        rng_states = gather_object([_rng_state()])  # one per process, in rank order
         if acc.is_main_process:
             from safetensors.torch import save_file
 
-            save_file(weights, str(tmp / "trainable.safetensors"))
+            tmp = self.root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            unwrapped = acc.unwrap_model(model)
+            save_file(_trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for rank, rng in enumerate(rng_states):
+                torch.save(rng, tmp / f"rng_state_{rank}.pt")
             _write_json(tmp / "trainer_state.json", state)
-            unwrapped = acc.unwrap_model(model)
             if hasattr(unwrapped, "peft_config"):  # a ready-to-load adapter, for evaluating checkpoints
                 unwrapped.save_pretrained(tmp / "adapter")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
             _fsync_dir(tmp)
             os.replace(tmp, final)
             for old in checkpoint_dirs(self.root.parent)[: -self.keep_last]:
@@ -332,10 +331,11 @@ def _prepare_output_dir(cfg: TrainConfig, out: Path, is_main: bool) -> None:
             f"{out} already holds a training run; pass --resume to continue it, --overwrite to discard it, "
             "or choose another --output-dir."
         )
-    if is_main and cfg.overwrite and not cfg.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        if cfg.overwrite and not cfg.resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -384,6 +384,12 @@ def _blc_loss(out: Any) -> torch.Tensor:
     return out["blc_loss"].detach() if "blc_loss" in out else torch.zeros((), device=out["loss"].device)
 
 
+def _distributed_without_accelerator() -> bool:
+    """torchrun on a machine without GPUs: accelerate only sets up (gloo) multi-CPU training when told ``cpu``."""
+    has_device = getattr(torch, "accelerator", None) and torch.accelerator.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
+
+
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
     """Run (or resume) a training run; see the module docstring. ``model``/``tokenizer`` may be given in memory
     (a base model, or a ready PeftModel); then ``cfg.model`` is only recorded."""
@@ -396,6 +402,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if not cfg.data:
         raise ValueError("TrainConfig.data is empty: give at least one instruction file (--data FILE).")
     acc = Accelerator(
+        cpu=_distributed_without_accelerator(),
         mixed_precision="bf16" if cfg.bf16 else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
@@ -573,22 +580,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with TrainConfig fields (flags given here override it)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        # `--lora-r` as well as `--r`: torchrun's own parser rejects `--r` as an ambiguous abbreviation.
+        flags = ["--r", "--lora-r"] if f.name == "r" else ["--" + f.name.replace("_", "-")]
         kind = hints[f.name]
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             help_text += f" (default: {f.default})"
         common = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif f.name == "task_type_names":
-            parser.add_argument(flag, nargs="+", type=_kv_task_type, metavar="NAME=TYPE", **common)
+            parser.add_argument(*flags, nargs="+", type=_kv_task_type, metavar="NAME=TYPE", **common)
         elif f.name in ("data", "target_modules"):
-            parser.add_argument(flag, nargs="+", metavar="PATH[:WEIGHT]" if f.name == "data" else "NAME", **common)
+            parser.add_argument(*flags, nargs="+", metavar="PATH[:WEIGHT]" if f.name == "data" else "NAME", **common)
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             choices = {"method": METHODS, "scheduler": tuple(SCHEDULERS), "blc_mode": ("own_group", "reference")}
-            parser.add_argument(flag, type=base, choices=choices.get(f.name), **common)
+            parser.add_argument(*flags, type=base, choices=choices.get(f.name), **common)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -604,6 +612,8 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, NonFiniteLossError, FileExistsError, ValueError) as e:
         print(f"loramoe train: error: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps, **result.metrics,
                       "tokens_per_s": round(result.tokens_per_s, 1)}))  # fmt: skip
     return 0
