@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loramoe.train", "fine-tune with LoRAMoE + LBC (or plain LoRA / full) on instruction files"),
     "eval": ("loramoe.evaluate", "score a model (base, base + adapter, or full checkpoint) on JSON-lines task files"),
     "routes": ("loramoe.routing", "mean router weight per expert group, dataset and layer of a LoRAMoE model (JSON + PNG)"),
+    "reproduce": ("loramoe.reproduce.cli", "the paper's experiment in miniature: forgetting under SFT, LoRAMoE's cure"),
 }
 
 

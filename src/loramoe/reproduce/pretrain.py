@@ -53,14 +53,14 @@ class PretrainConfig:
     """World size, model size and optimisation of the base model's pre-training."""
 
     seed: int = 0
-    num_people: int = 300
+    num_people: int = 200
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
     block_size: int = 32
-    batch_size: int = 64
-    steps: int = 2000
+    batch_size: int = 32
+    steps: int = 1500
     lr: float = 3e-3
     warmup: int = 100
     threads: int = 2
@@ -98,6 +98,7 @@ def vocabulary_texts(world: World) -> list[str]:
     samples = [s for fam in FAMILIES for s in generate(fam, 300, seed=12345, world=world)]
     samples += [knowledge_sample(f) for f in world.facts_of("all")]
     words = [" ".join(lexicon()), " ".join(world.reserved_words), " ".join(world.first_names)]
+    words += [" ".join(pool) for pool in world.values.values()] + [t for ts in STATEMENTS.values() for t in ts]
     return words + [f"{s.instruction}\n{s.input}\n{s.output}" for s in samples]
 
 
@@ -111,7 +112,7 @@ def pretraining_documents(world: World, tokenizer: PreTrainedTokenizerFast, seed
     layout (the web has question-answer pages; it also lets the base model be asked questions directly),
     and general text. Each line ends with EOS."""
     eos = tokenizer.eos_token_id
-    lines = statements(world) + general_text(random.Random(seed), 2000)
+    lines = statements(world) + general_text(random.Random(seed), 1000)
     docs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in lines]
     docs += [qa_ids(tokenizer, knowledge_sample(f)) for f in world.facts_of("all")]
     return docs

@@ -18,7 +18,8 @@ KNOWLEDGE_TASK = "world_knowledge"
 
 @dataclass(frozen=True)
 class Sample:
-    """One instruction sample; ``choices`` is set for tasks scored by choosing among fixed answers."""
+    """One instruction sample; ``choices`` is set for tasks scored by choosing among fixed answers, ``aliases``
+    lists other accepted answers of a generated one."""
 
     task: str
     task_type: int  # 1 world knowledge, 0 downstream
@@ -26,6 +27,7 @@ class Sample:
     input: str
     output: str
     choices: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()
 
     def train_record(self) -> dict:
         """The fine-tuning JSON-lines record (SPEC.md's data format)."""

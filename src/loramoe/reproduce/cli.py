@@ -1,0 +1,45 @@
+"""`loramoe reproduce`: run the comparison (base, full SFT, LoRA, LoRAMoE, LoRAMoE+LBC) and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .pipeline import METHODS, Plan, run_experiment
+from .presets import PRESETS, TINY_BASE, smollm2_preset, tiny_preset
+from .report import summarise, to_markdown, write_report
+
+# Preset fields a user may override from the command line (the rest is the preset's design).
+OVERRIDES = {"downstream_per_family": int, "test_per_family": int, "epochs": float, "batch_size": int,
+             "lr_full": float, "lr_adapter": float, "num_experts": int, "r": int, "lora_alpha": float}  # fmt: skip
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: the miniature world and its shipped base (minutes on a CPU); smollm2: SmolLM2-135M")
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat every method with seeds 0..N-1 (mean ± std)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="data scales (default: the preset's)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps of every run (default: the preset's epochs over each scale's data)")
+    parser.add_argument("--base", type=Path, default=TINY_BASE, help="tiny preset: the pre-trained base directory")
+    for name, kind in OVERRIDES.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="override the preset's value")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    preset = tiny_preset(args.base, **changes) if args.preset == "tiny" else smollm2_preset(**changes)
+    scales = sorted(args.scales) if args.scales else list(preset.scales)
+    plan = Plan(preset, args.out, list(range(args.seeds)), scales, args.methods, args.steps)
+    raw = run_experiment(plan)
+    (args.out / "raw_results.json").write_text(json.dumps(raw, indent=1) + "\n")
+    report = summarise(raw)
+    paths = write_report(report, args.out)
+    print(to_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,89 @@
+"""The experiments `loramoe reproduce` knows: ``tiny`` (the miniature world and its shipped base model) and
+``smollm2`` (SmolLM2-135M-Instruct with a closed-book probe of real-world facts)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..loading import load_base_model, load_tokenizer
+from .pipeline import Preset
+from .tasks import KNOWLEDGE_TASK, Sample, knowledge_sample
+from .world import World, make_world
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_BASE = ASSETS / "tiny_base"
+REAL_FACTS = ASSETS / "realworld_facts.jsonl"
+KNOWLEDGE_INSTRUCTION = "Answer the question."
+
+
+def base_world(base_dir: Path) -> World:
+    """The world a pre-trained base model read: rebuilt from the seed and size in its ``pretrain_config.json``."""
+    path = Path(base_dir) / "pretrain_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected a base model written by loramoe.reproduce.pretrain.")
+    cfg = json.loads(path.read_text())
+    return make_world(cfg["seed"], cfg["num_people"])
+
+
+def tiny_preset(base_dir: Path = TINY_BASE, **changes) -> Preset:
+    """The miniature world: knowledge = QA on train people; valid and test people are never fine-tuned on."""
+    base_dir = Path(base_dir)
+
+    def knowledge() -> dict[str, list[Sample]]:
+        world = base_world(base_dir)
+        return {split: [knowledge_sample(f) for f in world.facts_of(split)] for split in ("train", "valid", "test")}
+
+    def load():
+        return load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
+
+    return Preset(name="tiny", model_ref=str(base_dir), load=load, knowledge=knowledge, world=lambda: base_world(base_dir), **changes)
+
+
+def load_probe(path: Path = REAL_FACTS) -> list[Sample]:
+    """Closed-book questions ``{"question", "answers": [first = canonical, then aliases], "category"}``."""
+    samples = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            question, answers = record["question"], record["answers"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
+        if not (isinstance(question, str) and question and isinstance(answers, list) and answers
+                and all(isinstance(a, str) and a for a in answers)):  # fmt: skip
+            raise ValueError(f"{path}:{number}: 'question' must be a string and 'answers' a non-empty list of strings.")
+        samples.append(Sample(KNOWLEDGE_TASK, 1, KNOWLEDGE_INSTRUCTION, question, answers[0], aliases=tuple(answers[1:])))
+    return samples
+
+
+def split_probe(samples: list[Sample], seed: int = 0, shots: int = 3, fractions: tuple[float, float] = (0.5, 0.15)):
+    """(shots, {"train", "valid", "test"}): a seeded shuffle; the shots are worked examples, in no split."""
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    n_train, n_valid = round(fractions[0] * (len(order) - shots)), round(fractions[1] * (len(order) - shots))
+    rest = order[shots:]
+    return tuple(order[:shots]), {
+        "train": rest[:n_train], "valid": rest[n_train : n_train + n_valid], "test": rest[n_train + n_valid :],
+    }  # fmt: skip
+
+
+def smollm2_preset(probe: Path = REAL_FACTS, **changes) -> Preset:
+    """SmolLM2-135M-Instruct, chat format; knowledge questions carry three worked examples so that even the
+    untouched model answers with the bare answer (SPEC.md: its chat answers are sentences otherwise)."""
+    shots, splits = split_probe(load_probe(probe))
+
+    def load():
+        return load_base_model("smollm2"), load_tokenizer("smollm2")
+
+    settings = dict(
+        scales=(1, 2, 4), downstream_per_family=100, test_per_family=60, epochs=1.0, batch_size=8, lr_full=2e-5,
+        lr_adapter=5e-4, max_seq_len=256, eval_batch_size=16, max_new_tokens=16, chat=True, knowledge_shots=shots,
+    )  # fmt: skip
+    return Preset(name="smollm2", model_ref="smollm2", load=load, knowledge=lambda: splits, world=lambda: make_world(0),
+                  **{**settings, **changes})  # fmt: skip
+
+
+PRESETS = {"tiny": tiny_preset, "smollm2": smollm2_preset}
