@@ -302,3 +302,24 @@ def test_cli_eval_base_plus_adapter(tmp_path, word_tokenizer):
     data = json.loads((out / "eval.json").read_text())
     assert data["tasks"]["nli"]["n"] == 1 and data["tasks"]["cbqa"]["n"] == 1 and data["settings"]["adapter"] == str(adapter_dir)
     assert (out / "eval.md").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_zero_B_loramoe_changes_nothing():
+    """The real model (BPE tokenizer, GGUF base): a batch of three prompts of different lengths answered right,
+    and a zero-B LoRAMoE on it scoring exactly like the base."""
+    from loramoe.loading import load_base_model, load_tokenizer, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+    samples = load_tasks(sorted((Path(__file__).parents[1] / "examples" / "eval").glob("*.jsonl")), limit=3)
+    base, tokenizer = load_base_model("smollm2"), load_tokenizer("smollm2")
+    bare = evaluate(base, tokenizer, samples, batch_size=3, max_new_tokens=12, progress=False)
+    assert [p["prediction"].strip() for p in bare.predictions[:3]] == ["Paris", "William Shakespeare", "Jupiter"]
+    assert bare.scores["cbqa_mini"]["exact_match"] == 1.0
+    adapted = peft.get_peft_model(base, LoraMoeConfig(num_experts=6, r=4))
+    same = evaluate(adapted, tokenizer, samples, batch_size=3, max_new_tokens=12, progress=False)
+    assert same.predictions == bare.predictions

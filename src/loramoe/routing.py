@@ -86,6 +86,7 @@ class RoutingProfile:
 
     def to_dict(self) -> dict[str, Any]:
         k, n = self.knowledge_experts, self.num_experts
+        knowledge = {name: self.module_knowledge_shares(name) for name in self.datasets}
         return {
             "num_experts": n,
             "knowledge_experts": k,
@@ -100,7 +101,7 @@ class RoutingProfile:
                     "expert_shares": self.expert_shares(name),
                     "layers": self.layer_knowledge_shares(name),
                     "modules": {
-                        m: {"expert_shares": w, "knowledge_share": self.module_knowledge_shares(name)[m]}
+                        m: {"expert_shares": w, "knowledge_share": knowledge[name][m]}
                         for m, w in d.modules.items()
                     },
                 }
@@ -172,7 +173,7 @@ def routing_profile(
             for batch in batched(group, batch_size):
                 ids, mask = pad_sequences(batch, pad_id, left=False)
                 with capture_routing(model) as record:
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
                 n = int(mask.sum())
                 for module, share in record.expert_shares().items():  # mean over this batch's real tokens
                     sums[module] = sums.get(module, 0) + share.double() * n
