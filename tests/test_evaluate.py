@@ -125,6 +125,13 @@ def test_load_tasks_errors_name_file_and_line(tmp_path, lines, line, words):
     assert words in str(err.value)
 
 
+def test_evaluate_refuses_a_task_with_two_types(word_tokenizer):
+    samples = [EvalSample(task="t", type="generate", prompt="q", answers=["a"], source="mem:1"),
+               EvalSample(task="t", type="choice", prompt="q", choices=["a", "b"], answer=0, source="mem:2")]
+    with pytest.raises(TaskFileError, match="mem:2: task 't' is a choice task here but a generate task at mem:1"):
+        evaluate(bigram_llama(torch.zeros(len(W), len(W))), word_tokenizer, samples, progress=False)
+
+
 def test_load_tasks_empty_and_missing_files(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")

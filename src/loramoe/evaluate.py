@@ -99,6 +99,20 @@ def _parse_record(record: Any, where: str, default_task: str) -> EvalSample:
     return sample
 
 
+def check_task_types(samples: Iterable[EvalSample]) -> None:
+    """Every sample has a known type, and all samples of a task the same one (a task has one main metric)."""
+    kinds: dict[str, EvalSample] = {}
+    for s in samples:
+        if s.type not in MAIN_METRIC:
+            raise TaskFileError(f"{s.source or s.task}: unknown task type {s.type!r}; expected 'generate' or 'choice'")
+        first = kinds.setdefault(s.task, s)
+        if first.type != s.type:
+            raise TaskFileError(
+                f"{s.source}: task {s.task!r} is a {s.type} task here but a {first.type} task at {first.source}; "
+                "give them different task names."
+            )
+
+
 def load_tasks(paths: str | Path | Iterable[str | Path], limit: int | None = None) -> list[EvalSample]:
     """Read JSON-lines task files (format in the module docstring). ``limit`` keeps the first ``limit``
     samples of each task, in file order. Errors name the file and line."""
@@ -122,14 +136,7 @@ def load_tasks(paths: str | Path | Iterable[str | Path], limit: int | None = Non
                 samples.append(_parse_record(record, where, path.stem))
         if len(samples) == before:
             raise TaskFileError(f"{path}: no records (expected one JSON object per line).")
-    kinds: dict[str, EvalSample] = {}
-    for s in samples:
-        first = kinds.setdefault(s.task, s)
-        if first.type != s.type:
-            raise TaskFileError(
-                f"{s.source}: task {s.task!r} is a {s.type} task here but a {first.type} task at {first.source}; "
-                "give them different task names."
-            )
+    check_task_types(samples)
     if limit is not None:
         seen: Counter[str] = Counter()
         kept = []
@@ -343,6 +350,7 @@ def evaluate(
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}.")
     if not samples:
         raise ValueError("evaluate: no samples.")
+    check_task_types(samples)
     was_training = model.training
     model.eval()
     pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
