@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import NaiveLoraMoe
 from loramoe import LoraMoeConfig
-from loramoe.layer import Linear
+from loramoe.layer import Linear, mix_experts
 
 
 def _fused(base: torch.nn.Module, n: int, r: int = 4, alpha: float = 32.0, seed: int = 0) -> Linear:
@@ -124,3 +124,180 @@ def test_bf16_autocast_close_to_fp32():
     assert out.dtype == torch.bfloat16
     rel = (out.float() - ref).norm() / ref.norm()
     assert rel < 2e-2, rel
+
+
+# ---- the fused compute path: custom autograd Function, dropout, in-place residual, dtypes, torch.compile ----
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("residual", [False, True])
+def test_custom_function_gradcheck_float64(dropout, residual):
+    """Analytic gradients of both outputs (y and the router weights the LBC reads) against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    x, router, A, B, res = (torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True)
+                            for s in [(2, 3, 5), (3, 5), (6, 5), (4, 6), (6, 4)])
+    drop = torch.nn.Dropout(dropout).train()
+
+    def fn(x, router, A, B, res):
+        torch.manual_seed(1)  # the same dropout mask on every evaluation
+        # (res * 1).view(...) is shaped like a linear's output on 3-D input: a view of a 2-D product.
+        base_out = (res * 1).view(2, 3, 4) if residual else None
+        return mix_experts(x, A, B, router, 1.5, drop, residual=base_out)
+
+    assert torch.autograd.gradcheck(fn, (x, router, A, B, res))
+
+
+def test_dropout_training_path_matches_reference_with_the_same_mask():
+    """Recover the mask the layer drew (identity experts expose it), then check outputs and every gradient of a
+    general layer drawing that same mask against the formula written out with that mask."""
+    p, n, r = 0.4, 2, 4
+    base = torch.nn.Linear(8, 8).requires_grad_(False)
+    layer = Linear(base, "default", LoraMoeConfig(num_experts=n, r=r, lora_dropout=p, init_weights=False)).train()
+    scaling = layer.scaling["default"]
+    x = torch.randn(3, 16, 8)
+    with torch.no_grad():
+        layer.loramoe_A["default"].copy_(torch.eye(8))
+        layer.loramoe_B["default"].copy_(torch.eye(8))
+        w = torch.softmax(x @ layer.loramoe_router["default"].T, -1).repeat_interleave(r, dim=-1)
+        torch.manual_seed(7)
+        keep = (layer(x) - base(x)) * (1 - p) / (scaling * w * x)
+    torch.testing.assert_close(keep, keep.round(), atol=1e-4, rtol=0)  # 0 or 1: dropped, or kept and scaled by 1/(1-p)
+    keep = keep.round()
+    assert 0.25 < 1 - keep.mean().item() < 0.55
+
+    with torch.no_grad():
+        layer.loramoe_A["default"].normal_(0, 0.3)
+        layer.loramoe_B["default"].normal_(0, 0.3)
+    naive = _naive_from(layer, base)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y1 = layer(x1)
+    wn = torch.softmax((x2 @ naive.router.T).float(), -1)  # the router reads the clean input
+    xd = x2 * keep / (1 - p)
+    y2 = base(x2) + sum(scaling * wn[..., i : i + 1] * (xd @ naive.A[i].T) @ naive.B[i].T for i in range(n))
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(y1)
+    y1.backward(gy)
+    y2.backward(gy)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.loramoe_router["default"].grad, naive.router.grad, atol=1e-5, rtol=1e-5)
+    grad_A = layer.loramoe_A["default"].grad.view(n, r, -1)
+    grad_B = layer.loramoe_B["default"].grad.view(-1, n, r).permute(1, 0, 2)
+    for i in range(n):
+        torch.testing.assert_close(grad_A[i], naive.A[i].grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_B[i], naive.B[i].grad, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_no_grad_and_training_paths_agree():
+    """Eval mode turns dropout off; the no-grad (inference) path computes exactly what the autograd path does."""
+    base = torch.nn.Linear(24, 40)
+    layer = Linear(base, "default", LoraMoeConfig(num_experts=4, r=2, lora_dropout=0.5, init_weights=False)).eval()
+    reference = _fused(base, 4, r=2)  # same seed -> same weights, built without dropout
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    y_grad = layer(x)
+    with torch.no_grad():
+        y_nograd = layer(x)
+    torch.testing.assert_close(y_grad, y_nograd, atol=0, rtol=0)
+    with torch.no_grad():
+        for name in ("loramoe_A", "loramoe_B", "loramoe_router"):
+            getattr(reference, name)["default"].copy_(getattr(layer, name)["default"])
+    torch.testing.assert_close(y_grad, reference(x), atol=1e-6, rtol=1e-6)
+    layer.train()
+    assert not torch.allclose(layer(x), y_grad)
+
+
+def test_base_output_is_updated_in_place():
+    """The residual add rides on the output product: the result lives in the base layer's output buffer."""
+    base = torch.nn.Linear(24, 40).requires_grad_(False)
+    layer = _fused(base, 3)
+    seen = []
+    base.register_forward_hook(lambda mod, args, out: seen.append(out))
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y = layer(x)
+    assert y.data_ptr() == seen[0].data_ptr()
+    y.sum().backward()  # autograd accepts the in-place update (no version-counter error)
+    assert x.grad is not None
+
+
+def test_saved_for_backward_is_only_what_backward_needs():
+    """With dropout: x, the 1-byte mask, h (T x N*r) and the fp32 weights (T x N); without: x, the joint
+    router/A product (T x (N + N*r)) and the weights. Parameters are not counted."""
+    n, r, t, d_in = 6, 4, 10, 24
+    for p, expected in [(0.1, t * d_in * 4 + t * d_in + t * n * r * 4 + t * n * 4),
+                        (0.0, t * d_in * 4 + t * (n + n * r) * 4 + t * n * 4)]:
+        base = torch.nn.Linear(d_in, 40).requires_grad_(False)
+        layer = Linear(base, "default", LoraMoeConfig(num_experts=n, r=r, lora_dropout=p)).train()
+        params = {q.untyped_storage().data_ptr() for q in layer.parameters()}
+        saved = {}
+
+        def pack(tensor, saved=saved, params=params):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        x = torch.randn(1, t, d_in, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(x)
+        assert sum(saved.values()) == expected, (p, saved)
+
+
+def test_bf16_autocast_backward_close_to_fp32():
+    base = torch.nn.Linear(64, 96).requires_grad_(False)
+    layer = _fused(base, 6)
+    x = torch.randn(4, 16, 64)
+    grads = []
+    for autocast in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        (y.float() ** 2).mean().backward()
+        grads.append({name: q.grad for name, q in layer.named_parameters() if q.requires_grad})
+    for name, g32 in grads[0].items():
+        g16 = grads[1][name]
+        assert g16.dtype == torch.float32  # the parameters' dtype, whatever the compute dtype
+        assert (g16 - g32).norm() / g32.norm() < 3e-2, name
+
+
+def test_bf16_base_with_fp32_adapter_adds_out_of_place():
+    """A bf16 base output cannot take the fp32 product in place; the sum is still right, in the base's dtype."""
+    base = torch.nn.Linear(24, 40).requires_grad_(False)
+    layer = _fused(base, 3)
+    x = torch.randn(2, 5, 24)
+    ref = layer(x)
+    base.to(torch.bfloat16)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).norm() / ref.norm() < 2e-2
+
+
+def test_conv1d_gradients_match_linear():
+    conv = Conv1D(40, 24)
+    linear = torch.nn.Linear(24, 40)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    a, b = _fused(conv.requires_grad_(False), 3), _fused(linear.requires_grad_(False), 3)
+    x1, x2 = (torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(3)).requires_grad_() for _ in range(2))
+    a(x1).sum().backward()
+    b(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    for name in ("loramoe_A", "loramoe_B", "loramoe_router"):
+        torch.testing.assert_close(getattr(a, name)["default"].grad, getattr(b, name)["default"].grad,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    base = torch.nn.Linear(24, 40).requires_grad_(False)
+    layer = _fused(base, 3)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    results = []
+    for module in (layer, torch.compile(layer, fullgraph=True)):
+        layer.zero_grad()
+        x.grad = None
+        y = module(x)
+        (y ** 2).sum().backward()
+        results.append([y.detach(), x.grad] + [q.grad for q in layer.parameters() if q.requires_grad])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,11 @@
 The experts are stored stacked, A = [A_1; ...; A_N] (N*r x in) and B = [B_1 ... B_N] (out x N*r), so the
 sum over experts is two matrix products whatever N is: h = dropout(x) A^T, scale the i-th r-block of h by
 w_i(x), then h B^T. That costs what one LoRA of rank N*r costs; no Python loop over experts.
+
+What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling rides on the per-token gate, the
+residual add rides on the output GEMM (addmm into the base output, no full-size temporary), a custom autograd
+Function saves x, a 1-byte dropout mask, h and the router weights instead of every intermediate, and without
+dropout the router and A share one product.
 """
 
 from __future__ import annotations
@@ -14,12 +19,116 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraMoeConfig
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the expert products: autocast's when it is on, else the adapter weights' (as PEFT's LoRA)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _experts_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    router: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    keep: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward maths on 2-D tensors (x: [T, in], all in one dtype). Returns (y, weights, h).
+
+    h = dropout(x) A^T (``keep``: the dropout mask, None without dropout); gate = router weight * scale per token
+    and expert; y = residual + (h * gate) B^T, accumulated in place into ``residual`` when given (the residual
+    add rides on the output GEMM, no full-size temporary). Without dropout, router and A share one product.
+    """
+    n = router.shape[0]
+    if keep is None:
+        z = x @ torch.cat((router, lora_A)).T  # [T, N + N*r]
+        logits, h = z[:, :n], z[:, n:]
+    else:
+        logits, h = x @ router.T, (x * keep) @ lora_A.T
+    # [T, N], in fp32 as in the reference (fp64 stays fp64)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    gate = (weights * scale).to(h.dtype).unsqueeze(-1)  # [T, N, 1]
+    hs = (h.unflatten(-1, (n, -1)) * gate).flatten(-2)  # [T, N*r]
+    y = hs @ lora_B.T if residual is None else residual.view(-1, lora_B.shape[0]).addmm_(hs, lora_B.T)
+    return y, weights, h
+
+
+class _MixExperts(torch.autograd.Function):
+    """`_experts_forward` with a hand-written backward that keeps only x, the dropout mask (1 byte per entry
+    rather than a dropped copy of x), h (T x N*r) and the router weights (T x N); the rest is recomputed.
+
+    The router weights are a second output, so a loss on them (the LBC) reaches the router through this backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, router, lora_A, lora_B, keep, scale):
+        y, weights, h = _experts_forward(x, residual, router, lora_A, lora_B, keep, scale)
+        if residual is not None:
+            ctx.mark_dirty(residual)
+            y = residual
+        ctx.save_for_backward(x, keep, router, lora_A, lora_B, h, weights)
+        ctx.scale = scale
+        return y, weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_weights):
+        x, keep, router, lora_A, lora_B, h, weights = ctx.saved_tensors
+        need_x, need_residual, need_router, need_A, need_B = ctx.needs_input_grad[:5]
+        n, dtype = router.shape[0], h.dtype
+        gate = (weights * ctx.scale).to(dtype).unsqueeze(-1)  # [T, N, 1]
+        h3 = h.unflatten(-1, (n, -1))  # [T, N, r]
+        grad_y = grad_out.reshape(-1, lora_B.shape[0])
+        # (hs^T grad_y)^T rather than grad_y^T hs: the same product, ~3x faster on MKL (grad_y is read row-wise).
+        grad_B = ((h3 * gate).flatten(-2).T @ grad_y).T if need_B else None
+        grad_hs = (grad_y @ lora_B).unflatten(-1, (n, -1))  # [T, N, r]
+        grad_h = (grad_hs * gate).flatten(-2)  # [T, N*r]
+        grad_w = grad_weights + (grad_hs * h3).sum(-1, dtype=weights.dtype) * ctx.scale  # d loss / d weights
+        grad_logits = (weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))).to(dtype)  # softmax backward
+        grad_x = grad_router = grad_A = None
+        if keep is None:  # router and A read the same x: one product for their weights' grads, one for x's
+            grad_z = torch.cat((grad_logits, grad_h), dim=1)
+            if need_router or need_A:
+                grad_router, grad_A = (grad_z.T @ x).split((n, h.shape[1]))
+            if need_x:
+                grad_x = grad_z @ torch.cat((router, lora_A))
+        else:
+            keep = keep.to(dtype)  # once: mixed bool/float products are several times slower than float ones
+            if need_router:
+                grad_router = grad_logits.T @ x
+            if need_A:
+                grad_A = grad_h.T @ (x * keep)
+            if need_x:
+                grad_x = (grad_h @ lora_A).mul_(keep).addmm_(grad_logits, router)
+        return grad_x, grad_out if need_residual else None, grad_router, grad_A, grad_B, None, None
+
+
+def _inplace_root(residual: torch.Tensor) -> torch.Tensor | None:
+    """The tensor that owns ``residual``'s memory, when updating it in place is safe and cheap; else None.
+
+    A linear's output on 3-D input is a reshaping view of a 2-D product. Autograd handles an in-place update of
+    a view by copying the whole gradient in backward (CopySlices), so the update goes to the owner, and the
+    caller reshapes the result afresh. Under torch.compile the out-of-place form is left to the compiler.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    root = residual._base if residual._is_view() else residual
+    if root.is_leaf and root.requires_grad:
+        return None
+    same_memory = root.numel() == residual.numel() and root.storage_offset() == residual.storage_offset()
+    if not (same_memory and root.is_contiguous() and residual.is_contiguous()):
+        return None
+    return root
 
 
 def mix_experts(
@@ -29,18 +138,38 @@ def mix_experts(
     router: torch.Tensor,
     scaling: float,
     dropout: nn.Module,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(delta, weights)``: the experts' summed contribution [..., out] and router weights [..., N] (fp32).
+    """Return ``(y, weights)``: y = residual + the experts' summed contribution [..., out] (just the contribution
+    when ``residual`` is None), and the router weights [..., N] (fp32, or fp64 for fp64 inputs; differentiable
+    w.r.t. router and x, so a loss on them trains the router).
 
-    The router reads the un-dropped input; dropout (one mask for all experts) applies to the expert branch only.
+    The router reads the un-dropped input; dropout (one mask shared by all experts) applies to the expert branch
+    only. ``residual`` (the base layer's output) is updated in place when its dtype is the compute dtype and it
+    owns its memory: the residual add then costs nothing beyond the output product.
     """
-    num_experts = router.shape[0]
-    logits = F.linear(x, router)
-    weights = torch.softmax(logits.float(), dim=-1)
-    h = F.linear(dropout(x), lora_A)  # [..., N*r]
-    gate = (weights * scaling).to(h.dtype).unsqueeze(-1)  # [..., N, 1]
-    h = (h.unflatten(-1, (num_experts, -1)) * gate).flatten(-2)
-    return F.linear(h, lora_B), weights
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        raise TypeError(f"mix_experts takes an nn.Dropout or nn.Identity as dropout, not {type(dropout).__name__}.")
+    dtype = _compute_dtype(x, lora_A)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_in).to(dtype)
+    router, lora_A, lora_B = router.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    keep = torch.rand_like(x2) >= p if p > 0 else None  # bool: a quarter of the bytes of a dropped copy of x
+    scale = scaling / (1.0 - p)
+
+    root = None
+    if residual is not None and residual.dtype == dtype:
+        root = _inplace_root(residual)
+    args = (x2, root, router, lora_A, lora_B, keep, scale)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        y, weights = _MixExperts.apply(*args)
+    else:
+        y, weights, _ = _experts_forward(*args)
+    y = y.view(*lead, lora_B.shape[0])
+    if residual is not None and root is None:
+        y = residual + y.to(residual.dtype)
+    return y, weights.view(*lead, router.shape[0])
 
 
 class LoraMoeLayer(BaseTunerLayer):
@@ -113,22 +242,23 @@ class Linear(nn.Module, LoraMoeLayer):
         self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the experts' mixture. The base output tensor is updated in place (see `mix_experts`),
+        so a forward hook on the base layer that keeps its output sees the sum."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
         for name in self.active_adapters:
             if name not in self.loramoe_A:
                 continue
-            A = self.loramoe_A[name]
-            delta, weights = mix_experts(
-                self._cast_input_dtype(x, A.dtype),
-                A,
+            result, weights = mix_experts(
+                x,
+                self.loramoe_A[name],
                 self.loramoe_B[name],
                 self.loramoe_router[name],
                 self.scaling[name],
                 self.loramoe_dropout[name],
+                residual=result,
             )
-            result = result + delta.to(result.dtype)
             if self._blc_sink is not None:
                 self._blc_sink.append(weights)
             if self._capture_sink is not None:
