@@ -1,5 +1,6 @@
-"""Multi-process training on CPU (gloo): `torchrun --nproc_per_node 2` DDP equals one process with the same global
-batch, both ranks end with identical adapters, and only rank 0 writes to the output directory."""
+"""Multi-process training on CPU (gloo): `torchrun --nproc_per_node 2` with DDP, and with torch FSDP2 (`--fsdp`),
+equals one process with the same global batch; both ranks end with identical adapters; only rank 0 writes to the
+output directory; a multi-process run resumes exactly from its checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -44,7 +46,8 @@ DRIVER = textwrap.dedent('''
             setattr(os, name, audit(getattr(os, name), "os." + name))
         shutil.rmtree = audit(shutil.rmtree, "rmtree")
     result = train(cfg)
-    state = {n: p.detach().contiguous() for n, p in result.model.named_parameters() if p.requires_grad}
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shard -> whole (collective)
+    state = {n: full(p.detach()).contiguous() for n, p in result.model.named_parameters() if p.requires_grad}
     safetensors.torch.save_file(state, str(side / f"rank{rank}.safetensors"))
     (side / f"writes{rank}.json").write_text(json.dumps(writes))
 ''')
@@ -59,10 +62,10 @@ def short_data(tmp_path_factory) -> str:
     return str(path)
 
 
-def run_torchrun(tmp_path, cfg: TrainConfig, nproc: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(tmp_path, cfg: TrainConfig, side_name: str = "side", nproc: int = 2) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    side = tmp_path / "side"
+    side = tmp_path / side_name
     side.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(driver),
                json.dumps(cfg.to_dict()), str(side)]  # fmt: skip
@@ -102,3 +105,37 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tiny_lla
     other = train(TrainConfig(output_dir=str(tmp_path / "other"), batch_size=2, grad_accum=1, **common))
     changed = {k: v for k, v in other.model.named_parameters() if v.requires_grad}
     assert max((rank0[k] - changed[k].detach()).abs().max().item() for k in rank0) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_multi_process_resume_and_fsdp(tiny_llama_dir, short_data, tmp_path, fsdp):
+    """Run 4 steps (checkpoint at 2), then resume from that checkpoint: the weights and optimizer state must load
+    into the (sharded) model exactly, so steps 3-4 end where the first run ended."""
+    cfg = TrainConfig(model=str(tiny_llama_dir), data=[short_data], output_dir=str(tmp_path / "run"), num_experts=4, r=2,
+                      lora_dropout=0.1, max_seq_len=64, batch_size=2, max_steps=4, lr=1e-2, warmup_ratio=0.0,
+                      progress=False, seed=0, save_every=2, fsdp=fsdp, eval_file=short_data, eval_batch_size=3)  # fmt: skip
+    first = run_torchrun(tmp_path, cfg, "first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ended = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    second = run_torchrun(tmp_path, TrainConfig(**{**cfg.to_dict(), "resume": True}), "second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step 2 of 4" in second.stdout
+    resumed = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert max((ended[k] - resumed[k]).abs().max().item() for k in ended) <= 1e-6
+    for side in ("first", "second"):
+        assert json.loads((tmp_path / side / "writes1.json").read_text()) == []
+        rank0 = load_file(str(tmp_path / side / "rank0.safetensors"))
+        rank1 = load_file(str(tmp_path / side / "rank1.safetensors"))
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    if fsdp:  # sharded training computes what one process computes with the same global batch
+        single = train(TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "single"), "fsdp": False,
+                                      "grad_accum": 2, "lora_dropout": 0.0}))  # fmt: skip
+        no_dropout = run_torchrun(tmp_path, TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "fsdp0"),
+                                                           "lora_dropout": 0.0}), "third")  # fmt: skip
+        assert no_dropout.returncode == 0, no_dropout.stderr[-3000:]
+        sharded = load_file(str(tmp_path / "fsdp0" / "adapter_model.safetensors"))
+        reference = peft.get_peft_model_state_dict(single.model)
+        assert max((sharded[k] - reference[k]).abs().max().item() for k in sharded) < 1e-5
+        metrics = json.loads((tmp_path / "fsdp0" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert metrics["eval_loss"] == pytest.approx(single.metrics["eval_loss"], rel=1e-5)

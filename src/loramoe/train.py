@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed for adapter init, data order and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (weights stay fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
+    fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
     # bookkeeping
     save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (0 = only the final save)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
@@ -232,8 +233,29 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank must call it), or ``t`` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters as full CPU tensors, keyed like ``model.state_dict()``."""
+    return {n: _full(p.detach()).to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def shard_with_fsdp(model: nn.Module) -> nn.Module:
+    """torch FSDP2: shard each decoder block (the classes a HF model lists in ``_no_split_modules``), then the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"--fsdp: {type(base).__name__} names no decoder block classes (_no_split_modules) to shard.")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
 
 
 def _rng_state() -> dict[str, Any]:
@@ -252,32 +274,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 class Checkpointer:
     """Writes ``output_dir/checkpoints/checkpoint-<step>`` atomically: rank 0 writes everything (the other ranks
-    send it their RNG states) into a temporary directory, renames it into place and keeps the last ``keep_last``."""
+    send it their RNG states and, under FSDP, their shards) into a temporary directory, renames it into place and
+    keeps the last ``keep_last``."""
 
-    def __init__(self, accelerator: Any, output_dir: Path, keep_last: int) -> None:
-        self.acc, self.root, self.keep_last = accelerator, output_dir / "checkpoints", keep_last
+    def __init__(self, accelerator: Any, output_dir: Path, keep_last: int, sharded: bool) -> None:
+        self.acc, self.root, self.keep_last, self.sharded = accelerator, output_dir / "checkpoints", keep_last, sharded
 
     def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
         from accelerate.utils import gather_object
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         acc = self.acc
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         rng_states = gather_object([_rng_state()])  # one per process, in rank order
+        unwrapped = acc.unwrap_model(model)
+        weights = _trainable_state(unwrapped) if self.sharded or acc.is_main_process else None
+        # keyed by parameter name, gathered to rank 0 under FSDP: loadable whatever the sharding
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim_state = get_optimizer_state_dict(model, _raw(optimizer), options=options)
         if acc.is_main_process:
             from safetensors.torch import save_file
 
             tmp = self.root / f".tmp-{CHECKPOINT_PREFIX}{step}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            unwrapped = acc.unwrap_model(model)
-            save_file(_trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             for rank, rng in enumerate(rng_states):
                 torch.save(rng, tmp / f"rng_state_{rank}.pt")
             _write_json(tmp / "trainer_state.json", state)
             if hasattr(unwrapped, "peft_config"):  # a ready-to-load adapter, for evaluating checkpoints
-                unwrapped.save_pretrained(tmp / "adapter")
+                unwrapped.save_pretrained(tmp / "adapter", state_dict=weights)
             _fsync_dir(tmp)
             os.replace(tmp, final)
             for old in checkpoint_dirs(self.root.parent)[: -self.keep_last]:
@@ -287,6 +315,7 @@ class Checkpointer:
 
     def load(self, path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
         from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         acc = self.acc
         weights = load_file(str(path / "trainable.safetensors"))
@@ -297,8 +326,14 @@ class Checkpointer:
             raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {extra[:3]}).")
         with torch.no_grad():
             for name, tensor in weights.items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+                param = params[name]
+                if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this rank's slice
+                    from torch.distributed.tensor import distribute_tensor
+
+                    tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+                param.copy_(tensor)
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+        set_optimizer_state_dict(model, _raw(optimizer), optim_state, options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng_state_{acc.process_index}.pt"
         if rng_file.exists():
@@ -306,6 +341,11 @@ class Checkpointer:
         else:
             acc.print(f"warning: {rng_file} missing (different process count?): dropout will not replay exactly")
         return json.loads((path / "trainer_state.json").read_text())
+
+
+def _raw(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -349,25 +389,31 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator, cfg: TrainConfig, acc: Any) -> dict:
-    """Token-weighted LM loss over the eval file (sharded over processes), and the mean LBC for loramoe."""
+    """Token-weighted LM loss over the eval file (sharded over processes), and the mean LBC for loramoe.
+
+    Every rank runs the same number of forwards (FSDP gathers parameters inside them); a rank that has run out
+    of samples repeats one and does not count it."""
     was_training = model.training
     model.eval()
     size = cfg.eval_batch_size or cfg.batch_size
     mine = list(range(acc.process_index, len(data), acc.num_processes))
-    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # token-summed CE, tokens, summed LBC
+    rounds = math.ceil(math.ceil(len(data) / acc.num_processes) / size)
+    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # token-summed CE, tokens, summed LBC, batches
     with torch.no_grad():
-        for i in range(0, len(mine), size):
-            batch = {k: v.to(acc.device) for k, v in collate([data[j] for j in mine[i : i + size]]).items()}
+        for i in range(rounds):
+            chunk = mine[i * size : (i + 1) * size]
+            counted = float(bool(chunk))
+            batch = {k: v.to(acc.device) for k, v in collate([data[j] for j in chunk or [0]]).items()}
             tokens = (batch["labels"][:, 1:] != -100).sum()
             with acc.autocast():
                 out = model(**_model_inputs(batch, cfg), num_items_in_batch=tokens)
-            sums += torch.stack([_lm_loss(out).double() * tokens, tokens.double(), _blc_loss(out).double()])
+            sums += counted * torch.stack([_lm_loss(out).double() * tokens, tokens.double(), _blc_loss(out).double(),
+                                           torch.ones((), dtype=torch.float64, device=acc.device)])  # fmt: skip
     sums = acc.reduce(sums, reduction="sum")
     model.train(was_training)
     metrics = {"eval_loss": (sums[0] / sums[1]).item()}
     if cfg.method == "loramoe":
-        batches = sum(math.ceil(len(range(r, len(data), acc.num_processes)) / size) for r in range(acc.num_processes))
-        metrics["eval_blc_loss"] = (sums[2] / max(batches, 1)).item()
+        metrics["eval_blc_loss"] = (sums[2] / sums[3]).item()
     return metrics
 
 
@@ -388,6 +434,22 @@ def _distributed_without_accelerator() -> bool:
     """torchrun on a machine without GPUs: accelerate only sets up (gloo) multi-CPU training when told ``cpu``."""
     has_device = getattr(torch, "accelerator", None) and torch.accelerator.is_available()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
+
+
+def _check_sharding(cfg: TrainConfig, acc: Any) -> bool:
+    """Whether parameters will be sharded (so saving must gather them on every rank)."""
+    from accelerate.utils import DistributedType
+
+    if cfg.fsdp and acc.num_processes < 2:
+        raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2).")
+    if cfg.fsdp and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"--fsdp and accelerate's {acc.distributed_type.value} plugin both shard: use one of them.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        acc.print(
+            f"warning: accelerate's FSDP plugin is not applied here (accelerate runs {acc.distributed_type.value}: it "
+            "enables FSDP only for GPU-like devices); training is replicated. Use --fsdp for torch FSDP2 on CPU."
+        )
+    return cfg.fsdp or acc.distributed_type == DistributedType.FSDP
 
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
@@ -426,6 +488,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         model.train()
+        sharded = _check_sharding(cfg, acc)
+        if cfg.fsdp:
+            model = shard_with_fsdp(model)
         params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         total_params = sum(p.numel() for p in model.parameters())
@@ -442,9 +507,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         from transformers import get_scheduler
 
         scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
-        model, optimizer = acc.prepare(model, optimizer)
+        if not cfg.fsdp:  # our own FSDP2 sharding is done; accelerate wraps for DDP / its FSDP / DeepSpeed
+            model, optimizer = acc.prepare(model, optimizer)
         stream = SampleStream(len(data), cfg.seed)
-        ckpt = Checkpointer(acc, out, cfg.keep_last)
+        ckpt = Checkpointer(acc, out, cfg.keep_last, sharded)
         invariants = {k: v for k, v in cfg.to_dict().items() if k in RESUME_INVARIANTS}
         invariants["global_micro_batch"] = cfg.batch_size * world
 
@@ -491,7 +557,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             num_items = global_tokens.double() / (world * cfg.grad_accum)
             sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # CE sum, LBC sum, real tokens
             for m, batch in enumerate(batches):
-                sync = contextlib.nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(model)
+                last = m == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last or cfg.fsdp else acc.no_sync(model)
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(last)
                 with sync:
                     with acc.autocast():
                         outputs = model(**_model_inputs(batch, cfg), num_items_in_batch=num_items)
@@ -502,7 +571,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             sums = acc.reduce(sums, reduction="sum")
             lm_loss = (sums[0] / global_tokens).item()
             blc_loss = (sums[1] / (world * cfg.grad_accum)).item()
-            norm = float("nan") if grad_norm is None else float(grad_norm)
+            norm = float("nan") if grad_norm is None else float(_full(grad_norm))
             if not (math.isfinite(lm_loss) and math.isfinite(blc_loss) and (grad_norm is None or math.isfinite(norm))):
                 last = checkpoint_dirs(out)
                 message = (
@@ -545,8 +614,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         bar.close()
 
         final = acc.unwrap_model(model)
+        weights = _trainable_state(final) if sharded else None  # gathered from the shards
         if acc.is_main_process:
-            final.save_pretrained(out)  # adapter_model.safetensors (+ config) or the full model
+            final.save_pretrained(out, state_dict=weights)  # adapter_model.safetensors (+ config) or the full model
             tokenizer.save_pretrained(out)
         acc.wait_for_everyone()
         tokens_per_s = run_tokens / train_seconds if train_seconds else 0.0
@@ -556,7 +626,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             total_params=total_params, model=final, tokenizer=tokenizer, resumed_from=resumed_from,
         )  # fmt: skip
         if acc.is_main_process:
-            summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("model", "tokenizer")}
+            summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("model", "tokenizer")}
             _write_json(out / "train_result.json", summary)
         acc.print(f"saved to {out}: {'adapter' if cfg.method != 'full' else 'model'}, metrics.jsonl, train_result.json")
         return result
