@@ -436,10 +436,28 @@ def _distributed_without_accelerator() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
 
 
-def _check_sharding(cfg: TrainConfig, acc: Any) -> bool:
-    """Whether parameters will be sharded (so saving must gather them on every rank)."""
+def _final_weights(acc: Any, model: nn.Module, final: nn.Module, sharded: bool) -> dict[str, torch.Tensor] | None:
+    """Trainable weights to save, gathered where they are sharded (``None``: the model's own state dict will do)."""
     from accelerate.utils import DistributedType
 
+    if acc.distributed_type == DistributedType.DEEPSPEED:  # untested; accelerate gathers ZeRO-3 partitions
+        full = acc.get_state_dict(model)
+        names = {n for n, p in final.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in names} if full else None
+    return _trainable_state(final) if sharded else None
+
+
+def _check_engine(cfg: TrainConfig, acc: Any) -> bool:
+    """Refuse engine combinations that cannot work; return whether parameters will be sharded (saving must then
+    gather them on every rank)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:  # untested: DeepSpeed cannot run on this project's CI
+        if cfg.grad_accum != 1:
+            raise ValueError("With DeepSpeed use --grad-accum 1: the DeepSpeed engine applies its own loss scaling.")
+        if acc.state.deepspeed_plugin.zero_stage == 3 and cfg.save_every:
+            raise ValueError("Checkpoints (--save-every) are not supported under DeepSpeed ZeRO-3; use ZeRO-2 or --fsdp.")
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     if cfg.fsdp and acc.num_processes < 2:
         raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2).")
     if cfg.fsdp and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
@@ -488,7 +506,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         model.train()
-        sharded = _check_sharding(cfg, acc)
+        sharded = _check_engine(cfg, acc)
         if cfg.fsdp:
             model = shard_with_fsdp(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -573,11 +591,11 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             blc_loss = (sums[1] / (world * cfg.grad_accum)).item()
             norm = float("nan") if grad_norm is None else float(_full(grad_norm))
             if not (math.isfinite(lm_loss) and math.isfinite(blc_loss) and (grad_norm is None or math.isfinite(norm))):
-                last = checkpoint_dirs(out)
+                good = checkpoint_dirs(out)
                 message = (
                     f"non-finite loss at step {step + 1}: lm_loss={lm_loss}, blc_loss={blc_loss}, grad_norm={norm}. "
                     f"Training stopped without applying this step; last good checkpoint: "
-                    f"{last[-1] if last else 'none written yet'}. Lower --lr, check the data or --bf16, then --resume."
+                    f"{good[-1] if good else 'none written yet'}. Lower --lr, check the data or --bf16, then --resume."
                 )
                 if acc.is_main_process:
                     with open(metrics_log, "a") as f:
@@ -600,7 +618,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 "tokens": tokens_seen, "tokens_per_s": run_tokens / train_seconds, "step_seconds": elapsed,
             }  # fmt: skip
             bar.update(1)
-            bar.set_postfix(lm=f"{lm_loss:.3f}", lbc=f"{blc_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            shown = {"lm": f"{lm_loss:.3f}", **({"lbc": f"{blc_loss:.4f}"} if cfg.method == "loramoe" else {})}
+            bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             evaluate = eval_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps)
             if evaluate:
                 last_eval = _evaluate(acc.unwrap_model(model), eval_data, collate, cfg, acc)
@@ -614,7 +633,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         bar.close()
 
         final = acc.unwrap_model(model)
-        weights = _trainable_state(final) if sharded else None  # gathered from the shards
+        weights = _final_weights(acc, model, final, sharded)
         if acc.is_main_process:
             final.save_pretrained(out, state_dict=weights)  # adapter_model.safetensors (+ config) or the full model
             tokenizer.save_pretrained(out)
