@@ -221,10 +221,10 @@ def test_base_output_is_updated_in_place():
 
 def test_saved_for_backward_is_only_what_backward_needs():
     """With dropout: x, the 1-byte mask, h (T x N*r) and the fp32 weights (T x N); without: x, the joint
-    router/A product (T x (N + N*r)) and the weights. Parameters are not counted."""
+    h and the weights. Parameters are not counted."""
     n, r, t, d_in = 6, 4, 10, 24
     for p, expected in [(0.1, t * d_in * 4 + t * d_in + t * n * r * 4 + t * n * 4),
-                        (0.0, t * d_in * 4 + t * (n + n * r) * 4 + t * n * 4)]:
+                        (0.0, t * d_in * 4 + t * n * r * 4 + t * n * 4)]:
         base = torch.nn.Linear(d_in, 40).requires_grad_(False)
         layer = Linear(base, "default", LoraMoeConfig(num_experts=n, r=r, lora_dropout=p)).train()
         params = {q.untyped_storage().data_ptr() for q in layer.parameters()}

@@ -9,8 +9,7 @@ w_i(x), then h B^T. That costs what one LoRA of rank N*r costs; no Python loop o
 
 What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling rides on the per-token gate, the
 residual add rides on the output GEMM (addmm into the base output, no full-size temporary), a custom autograd
-Function saves x, a 1-byte dropout mask, h and the router weights instead of every intermediate, and without
-dropout the router and A share one product.
+Function saves x, a 1-byte dropout mask, h and the router weights instead of every intermediate.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -34,6 +34,10 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # the check is cheaper than a no-op dispatch (decoding: T = 1)
+
+
 def _experts_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -45,22 +49,19 @@ def _experts_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward maths on 2-D tensors (x: [T, in], all in one dtype). Returns (y, weights, h).
 
-    h = dropout(x) A^T (``keep``: the dropout mask, None without dropout); gate = router weight * scale per token
-    and expert; y = residual + (h * gate) B^T, accumulated in place into ``residual`` when given (the residual
-    add rides on the output GEMM, no full-size temporary). Without dropout, router and A share one product.
+    h = dropout(x) A^T (``keep``: the dropout mask, None without dropout); hs = h * (router weight of each r-block's
+    expert); y = residual + scale * hs B^T, accumulated in place into ``residual`` when given (the residual add and
+    the scaling ride on the output GEMM: no full-size temporary).
     """
-    n = router.shape[0]
-    if keep is None:
-        z = x @ torch.cat((router, lora_A)).T  # [T, N + N*r]
-        logits, h = z[:, :n], z[:, n:]
-    else:
-        logits, h = x @ router.T, (x * keep) @ lora_A.T
+    t, n = x.shape[0], router.shape[0]
+    logits = F.linear(x, router)
+    h = F.linear(x if keep is None else x * keep, lora_A)  # [T, N*r]
     # [T, N], in fp32 as in the reference (fp64 stays fp64)
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    gate = (weights * scale).to(h.dtype).unsqueeze(-1)  # [T, N, 1]
-    hs = (h.unflatten(-1, (n, -1)) * gate).flatten(-2)  # [T, N*r]
-    y = hs @ lora_B.T if residual is None else residual.view(-1, lora_B.shape[0]).addmm_(hs, lora_B.T)
-    return y, weights, h
+    hs = (h.view(t, n, -1) * _cast(weights, h.dtype).view(t, n, 1)).view(t, -1)  # [T, N*r]
+    if residual is None:
+        return F.linear(hs * scale, lora_B), weights, h
+    return residual.view(t, -1).addmm_(hs, lora_B.t(), alpha=scale), weights, h
 
 
 class _MixExperts(torch.autograd.Function):
@@ -85,31 +86,28 @@ class _MixExperts(torch.autograd.Function):
     def backward(ctx, grad_out, grad_weights):
         x, keep, router, lora_A, lora_B, h, weights = ctx.saved_tensors
         need_x, need_residual, need_router, need_A, need_B = ctx.needs_input_grad[:5]
-        n, dtype = router.shape[0], h.dtype
-        gate = (weights * ctx.scale).to(dtype).unsqueeze(-1)  # [T, N, 1]
-        h3 = h.unflatten(-1, (n, -1))  # [T, N, r]
-        grad_y = grad_out.reshape(-1, lora_B.shape[0])
+        t, n, dtype = x.shape[0], router.shape[0], h.dtype
+        gate = (weights * ctx.scale).to(dtype).view(t, n, 1)
+        h3 = h.view(t, n, -1)  # [T, N, r]
+        grad_y = grad_out.reshape(t, -1)
         # (hs^T grad_y)^T rather than grad_y^T hs: the same product, ~3x faster on MKL (grad_y is read row-wise).
-        grad_B = ((h3 * gate).flatten(-2).T @ grad_y).T if need_B else None
-        grad_hs = (grad_y @ lora_B).unflatten(-1, (n, -1))  # [T, N, r]
-        grad_h = (grad_hs * gate).flatten(-2)  # [T, N*r]
+        grad_B = ((h3 * gate).view(t, -1).T @ grad_y).T if need_B else None
+        grad_hs = (grad_y @ lora_B).view(t, n, -1)  # [T, N, r]
+        grad_h = (grad_hs * gate).view(t, -1)  # [T, N*r]
         grad_w = grad_weights + (grad_hs * h3).sum(-1, dtype=weights.dtype) * ctx.scale  # d loss / d weights
         grad_logits = (weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))).to(dtype)  # softmax backward
-        grad_x = grad_router = grad_A = None
-        if keep is None:  # router and A read the same x: one product for their weights' grads, one for x's
-            grad_z = torch.cat((grad_logits, grad_h), dim=1)
-            if need_router or need_A:
-                grad_router, grad_A = (grad_z.T @ x).split((n, h.shape[1]))
-            if need_x:
-                grad_x = grad_z @ torch.cat((router, lora_A))
-        else:
+        if keep is not None:
             keep = keep.to(dtype)  # once: mixed bool/float products are several times slower than float ones
-            if need_router:
-                grad_router = grad_logits.T @ x
-            if need_A:
-                grad_A = grad_h.T @ (x * keep)
-            if need_x:
-                grad_x = (grad_h @ lora_A).mul_(keep).addmm_(grad_logits, router)
+        grad_x = grad_router = grad_A = None
+        if need_router:
+            grad_router = grad_logits.T @ x
+        if need_A:
+            grad_A = grad_h.T @ (x if keep is None else x * keep)
+        if need_x:
+            grad_x = grad_h @ lora_A
+            if keep is not None:
+                grad_x.mul_(keep)
+            grad_x.addmm_(grad_logits, router)
         return grad_x, grad_out if need_residual else None, grad_router, grad_A, grad_B, None, None
 
 
@@ -152,8 +150,8 @@ def mix_experts(
         raise TypeError(f"mix_experts takes an nn.Dropout or nn.Identity as dropout, not {type(dropout).__name__}.")
     dtype = _compute_dtype(x, lora_A)
     lead, d_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d_in).to(dtype)
-    router, lora_A, lora_B = router.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+    x2 = _cast(x.reshape(-1, d_in), dtype)
+    router, lora_A, lora_B = _cast(router, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     keep = torch.rand_like(x2) >= p if p > 0 else None  # bool: a quarter of the bytes of a dropped copy of x
     scale = scaling / (1.0 - p)
