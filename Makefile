@@ -21,3 +21,6 @@ lint:
 # The paper's experiment in miniature on the shipped base model (docs/reproduce.md); ~10 minutes on 2 CPU cores.
 demo: install
 	$(PY) -m loramoe.cli reproduce --preset tiny --out runs/demo
+
+bench:
+	$(PY) -m benchmarks.run
