@@ -363,6 +363,8 @@ def test_gradient_checkpointing_and_bf16_keep_the_gradient(tiny_llama_dir, short
     checkpointed = train(make_cfg(tiny_llama_dir, short_data, tmp_path / "b", max_steps=2, gradient_checkpointing=True))
     assert max_diff(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")) < 1e-6
     assert checkpointed.metrics["blc_loss"] == pytest.approx(plain.metrics["blc_loss"], rel=1e-5)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.model.modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.model.modules())
     train(make_cfg(tiny_llama_dir, short_data, tmp_path / "c", max_steps=2, bf16=True))
     first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("a", "c")]
     assert first[1]["lm_loss"] == pytest.approx(first[0]["lm_loss"], rel=2e-2)  # same batch, same start

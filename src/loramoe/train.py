@@ -430,6 +430,37 @@ def _blc_loss(out: Any) -> torch.Tensor:
     return out["blc_loss"].detach() if "blc_loss" in out else torch.zeros((), device=out["loss"].device)
 
 
+def _forward_backward(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], params: list[nn.Parameter], cfg: TrainConfig, acc: Any
+) -> tuple[float, float, float, int]:
+    """Accumulate (and clip) the gradient of one optimizer step; return (lm_loss, blc_loss, grad_norm before
+    clipping, real tokens), all processes together.
+
+    LM loss = CE summed over the step's target tokens of all processes / their number: each micro-batch divides
+    by that count (times the process count, undoing DDP's / FSDP's mean), so accumulation and the number of
+    processes change nothing. The LBC is per micro-batch, averaged."""
+    world = acc.num_processes
+    local = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).sum()
+    global_tokens = acc.reduce(local.clone(), reduction="sum")
+    num_items = global_tokens.double() / (world * cfg.grad_accum)
+    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # CE sum, LBC sum, real tokens
+    for m, batch in enumerate(batches):
+        last = m == cfg.grad_accum - 1
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(last)
+        with contextlib.nullcontext() if last or cfg.fsdp else acc.no_sync(model):
+            with acc.autocast():
+                outputs = model(**_model_inputs(batch, cfg), num_items_in_batch=num_items)
+            acc.backward(outputs["loss"] / cfg.grad_accum)
+        lm = _lm_loss(outputs).detach().double() * num_items
+        sums += torch.stack([lm, _blc_loss(outputs).double(), batch["attention_mask"].sum().double()])
+    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))  # inf: measure, do not clip
+    sums = acc.reduce(sums, reduction="sum")
+    lm_loss = (sums[0] / global_tokens).item()
+    blc_loss = (sums[1] / (world * cfg.grad_accum)).item()
+    return lm_loss, blc_loss, float(_full(grad_norm)), int(sums[2])
+
+
 def _distributed_without_accelerator() -> bool:
     """torchrun on a machine without GPUs: accelerate only sets up (gloo) multi-CPU training when told ``cpu``."""
     has_device = getattr(torch, "accelerator", None) and torch.accelerator.is_available()
@@ -502,8 +533,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
         model = model if model is not None else load_base_model(cfg.model)
         model = prepare_model(model, cfg)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing:  # non-reentrant: reentrant checkpointing would drop the LBC's gradient
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         model.train()
         sharded = _check_engine(cfg, acc)
@@ -568,29 +603,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 {k: v.to(acc.device) for k, v in collate([data[i] for i in stream.micro_batch(step, m, cfg, acc.process_index, world)]).items()}
                 for m in range(cfg.grad_accum)
             ]
-            # LM loss = CE summed over the step's target tokens of all processes / their number: each micro-batch
-            # divides by that count (x world, undoing DDP's mean), so accumulation and DDP change nothing.
-            local = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in batches]).sum()
-            global_tokens = acc.reduce(local.clone(), reduction="sum")
-            num_items = global_tokens.double() / (world * cfg.grad_accum)
-            sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # CE sum, LBC sum, real tokens
-            for m, batch in enumerate(batches):
-                last = m == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last or cfg.fsdp else acc.no_sync(model)
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(last)
-                with sync:
-                    with acc.autocast():
-                        outputs = model(**_model_inputs(batch, cfg), num_items_in_batch=num_items)
-                    acc.backward(outputs["loss"] / cfg.grad_accum)
-                lm = _lm_loss(outputs).detach().double() * num_items
-                sums += torch.stack([lm, _blc_loss(outputs).double(), batch["attention_mask"].sum().double()])
-            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            sums = acc.reduce(sums, reduction="sum")
-            lm_loss = (sums[0] / global_tokens).item()
-            blc_loss = (sums[1] / (world * cfg.grad_accum)).item()
-            norm = float("nan") if grad_norm is None else float(_full(grad_norm))
-            if not (math.isfinite(lm_loss) and math.isfinite(blc_loss) and (grad_norm is None or math.isfinite(norm))):
+            lm_loss, blc_loss, norm, step_tokens = _forward_backward(model, batches, params, cfg, acc)
+            if not all(math.isfinite(x) for x in (lm_loss, blc_loss, norm)):
                 good = checkpoint_dirs(out)
                 message = (
                     f"non-finite loss at step {step + 1}: lm_loss={lm_loss}, blc_loss={blc_loss}, grad_norm={norm}. "
@@ -606,8 +620,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
             train_seconds += elapsed
-            run_tokens += int(sums[2])
-            tokens_seen += int(sums[2])
+            run_tokens += step_tokens
+            tokens_seen += step_tokens
             lr = scheduler.get_last_lr()[0]
             metrics = {"lm_loss": lm_loss, "loss": lm_loss}
             if cfg.method == "loramoe":
