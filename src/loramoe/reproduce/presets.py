@@ -81,6 +81,7 @@ def smollm2_preset(probe: Path = REAL_FACTS, **changes) -> Preset:
     settings = dict(
         scales=(1, 2, 4), downstream_per_family=100, test_per_family=60, epochs=1.0, batch_size=8, lr_full=2e-5,
         lr_adapter=5e-4, max_seq_len=256, eval_batch_size=16, max_new_tokens=16, chat=True, knowledge_shots=shots,
+        threads=None,
     )  # fmt: skip
     return Preset(name="smollm2", model_ref="smollm2", load=load, knowledge=lambda: splits, world=lambda: make_world(0),
                   **{**settings, **changes})  # fmt: skip

@@ -30,8 +30,7 @@ from ..data import encode_record
 from .tasks import (
     COLORS,
     FAMILIES,
-    MATERIALS,
-    MAX_ADDEND,
+        MAX_WORDS,
     NEGATIVE,
     NOUNS,
     OBJECTS,
@@ -60,19 +59,19 @@ class PretrainConfig:
     intermediate_size: int = 384
     block_size: int = 32
     batch_size: int = 32
-    steps: int = 1500
+    steps: int = 3000
     lr: float = 3e-3
     warmup: int = 100
-    threads: int = 2
+    threads: int = 1
 
 
 def general_text(rng: random.Random, count: int) -> list[str]:
     """Neutral sentences that use the downstream vocabulary, so that its words mean something to the base model."""
     makers = (
-        lambda: f"The {rng.choice(COLORS)} {rng.choice(OBJECTS)} is {rng.choice(SIZES)} and {rng.choice(MATERIALS)}.",
+        lambda: f"The {rng.choice(COLORS)} {rng.choice(OBJECTS)} is {rng.choice(SIZES)}.",
         lambda: f"The {rng.choice(THINGS)} was {rng.choice(POSITIVE + NEGATIVE)}.",
         lambda: f"I saw the {rng.choice(NOUNS)} and the {rng.choice(NOUNS)}.",
-        lambda: (lambda n: f"The number {n + 1} comes after {n}.")(rng.randint(0, 2 * MAX_ADDEND - 1)),
+        lambda: (lambda n: f"The number {n + 1} comes after {n}.")(rng.randint(0, MAX_WORDS - 1)),
     )
     return [rng.choice(makers)() for _ in range(count)]
 

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .world import ATTRIBUTES, QUESTIONS, STATEMENTS, Fact, World
+from .world import ATTRIBUTES, STATEMENTS, Fact, World
 
 KNOWLEDGE_TASK = "world_knowledge"
 
@@ -37,7 +37,6 @@ class Sample:
 COLORS = ("red", "blue", "green", "yellow", "black", "white")
 OBJECTS = ("box", "cup", "chair", "lamp", "boat", "kite", "bell", "coat")
 SIZES = ("small", "large", "tiny", "huge")
-MATERIALS = ("wooden", "metal", "glass", "paper")
 PLACES = ("kitchen", "garden", "hotel", "station", "shop", "park")
 THINGS = ("soup", "room", "music", "staff", "bread", "view", "bed", "coffee")
 POSITIVE = ("tasty", "clean", "kind", "lovely", "great", "warm", "friendly", "bright")
@@ -46,13 +45,13 @@ NOUNS = (
     "apple", "river", "stone", "cloud", "horse", "window", "garden", "pencil", "candle", "mirror",
     "forest", "island", "ladder", "basket", "rabbit", "button", "engine", "feather", "planet", "violin",
 )  # fmt: skip
-MAX_ADDEND = 30
+MIN_WORDS, MAX_WORDS = 2, 7
 
 
 def lexicon() -> list[str]:
     """Every word the downstream generators can emit besides the world's names and values."""
-    numbers = [str(n) for n in range(2 * MAX_ADDEND + 1)]
-    return sorted({*COLORS, *OBJECTS, *SIZES, *MATERIALS, *PLACES, *THINGS, *POSITIVE, *NEGATIVE, *NOUNS, *numbers})
+    numbers = [str(n) for n in range(MAX_WORDS + 1)]
+    return sorted({*COLORS, *OBJECTS, *SIZES, *PLACES, *THINGS, *POSITIVE, *NEGATIVE, *NOUNS, *numbers})
 
 
 def knowledge_sample(fact: Fact) -> Sample:
@@ -60,52 +59,44 @@ def knowledge_sample(fact: Fact) -> Sample:
 
 
 def reading(rng: random.Random, world: World) -> Sample:
-    """Reading comprehension: a passage about someone outside the world; the answer is in the passage."""
+    """Reading comprehension: two facts about someone outside the world; the answer is in the passage."""
     person = f"{rng.choice(world.first_names)} {rng.choice(world.reserved_words)}"
-    attrs = rng.sample(ATTRIBUTES, 3)
-    facts = [Fact(person, a, rng.choice(world.values[a])) for a in attrs]
+    facts = [Fact(person, a, rng.choice(world.values[a])) for a in rng.sample(ATTRIBUTES, 2)]
     passage = " ".join(f.statement(rng.randrange(len(STATEMENTS[f.attribute]))) for f in facts)
     asked = rng.choice(facts)
-    return Sample(
-        "reading", 0, "Read the passage and answer the question.",
-        f"Passage: {passage} Question: {QUESTIONS[asked.attribute].format(name=person)}", asked.value,
-    )  # fmt: skip
+    return Sample("reading", 0, "Answer from the passage.", f"{passage} Question: {asked.question}", asked.value)
 
 
 def entailment(rng: random.Random, world: World) -> Sample:
     """Does a described object have a stated property? Yes when the property is in the description."""
-    color, obj, size, material = rng.choice(COLORS), rng.choice(OBJECTS), rng.choice(SIZES), rng.choice(MATERIALS)
-    pool, value = rng.choice(((COLORS, color), (SIZES, size), (MATERIALS, material)))
+    color, obj, size = rng.choice(COLORS), rng.choice(OBJECTS), rng.choice(SIZES)
+    pool, value = rng.choice(((COLORS, color), (SIZES, size)))
     holds = rng.random() < 0.5
     claimed = value if holds else rng.choice([v for v in pool if v != value])
     return Sample(
-        "entailment", 0, "Does the first sentence imply the second? Answer yes or no.",
-        f"First: the {color} {obj} is {size} and {material}. Second: the {obj} is {claimed}.",
-        "yes" if holds else "no", ("yes", "no"),
+        "entailment", 0, "Does the first sentence imply the second?",
+        f"The {color} {obj} is {size}. The {obj} is {claimed}.", "yes" if holds else "no", ("yes", "no"),
     )  # fmt: skip
 
 
 def sentiment(rng: random.Random, world: World) -> Sample:
-    """A three-clause review; its label is the polarity of the majority of its adjectives."""
+    """Review classification: the adjective decides the label."""
     positive = rng.random() < 0.5
-    n_pos = rng.choice((2, 3)) if positive else rng.choice((0, 1))
-    adjectives = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, 3 - n_pos)
-    rng.shuffle(adjectives)
-    things = rng.sample(THINGS, 3)
-    clauses = [f"the {t} was {a}" for t, a in zip(things, adjectives)]
-    review = f"At the {rng.choice(PLACES)}, {clauses[0]}, {clauses[1]} and {clauses[2]}."
+    adjective = rng.choice(POSITIVE if positive else NEGATIVE)
+    review = f"At the {rng.choice(PLACES)}, the {rng.choice(THINGS)} was {adjective}."
     label = "positive" if positive else "negative"
     return Sample("sentiment", 0, "Is this review positive or negative?", review, label, ("positive", "negative"))
 
 
-def arithmetic(rng: random.Random, world: World) -> Sample:
-    a, b = rng.randint(0, MAX_ADDEND), rng.randint(0, MAX_ADDEND)
-    return Sample("arithmetic", 0, "Add the two numbers.", f"{a} plus {b}", str(a + b))
+def count(rng: random.Random, world: World) -> Sample:
+    """Arithmetic on the input's form: how many words it has."""
+    words = rng.choices(NOUNS, k=rng.randint(MIN_WORDS, MAX_WORDS))
+    return Sample("count", 0, "How many words are there?", " ".join(words), str(len(words)))
 
 
 def reverse(rng: random.Random, world: World) -> Sample:
     """String transformation: the same words, last first."""
-    words = rng.sample(NOUNS, rng.randint(3, 4))
+    words = rng.sample(NOUNS, rng.randint(2, 3))
     return Sample("reverse", 0, "Write the words in reverse order.", " ".join(words), " ".join(reversed(words)))
 
 
@@ -113,7 +104,7 @@ FAMILIES: dict[str, Callable[[random.Random, World], Sample]] = {
     "reading": reading,
     "entailment": entailment,
     "sentiment": sentiment,
-    "arithmetic": arithmetic,
+    "count": count,
     "reverse": reverse,
 }
 
