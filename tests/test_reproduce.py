@@ -268,7 +268,7 @@ def test_smollm2_preset_at_toy_size(tmp_path):
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(REAL_FACTS.read_text().splitlines(keepends=True)[::22]))
     preset = smollm2_preset(probe, downstream_per_family=2, test_per_family=2, batch_size=2, max_new_tokens=6,
-                            scales=(1,))  # fmt: skip
+                            scales=(1,), threads=1)  # fmt: skip
     plan = Plan(preset, tmp_path / "out", seeds=[0], scales=[1], methods=list(METHODS), steps=1)
     report = summarise(run_experiment(plan, log=lambda line: None))
     assert report["preset"] == "smollm2" and set(report["methods"]) == set(METHODS)
