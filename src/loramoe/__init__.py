@@ -12,7 +12,7 @@ from ._registration import register
 from .balance import group_coefficients, importance, localized_balancing_loss
 from .config import LoraMoeConfig
 from .layer import Linear, LoraMoeLayer, mix_experts
-from .model import LoraMoeModel, RoutingRecord
+from .model import LoraMoeModel, RoutingRecord, default_target_modules
 
 register()
 
@@ -28,6 +28,7 @@ __all__ = [
     "LoraMoeModel",
     "RoutingRecord",
     "capture_routing",
+    "default_target_modules",
     "find_tuner",
     "group_coefficients",
     "import_official",

@@ -23,8 +23,12 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
-def _infer_ffn_targets(model: nn.Module) -> set[str]:
-    """Suffixes like ``mlp.fc1`` for every linear whose parent module is a feed-forward block."""
+def default_target_modules(model: nn.Module) -> set[str]:
+    """The feed-forward linears LoRAMoE adapts by default: the table for known architectures, else suffixes like
+    ``mlp.fc1`` for every linear whose parent is a feed-forward block (empty if there is none)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return set(DEFAULT_TARGET_MODULES[model_type])
     targets = set()
     for name in _linear_names(model):
         parts = name.split(".")
@@ -82,14 +86,14 @@ class LoraMoeModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: LoraMoeConfig, adapter_name: str) -> None:
         """Resolve default targets (or infer FFN linears) and fail early, listing what exists, if none match."""
         if config.target_modules is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            targets = DEFAULT_TARGET_MODULES.get(model_type) or _infer_ffn_targets(model)
+            targets = default_target_modules(model)
             if not targets:
+                model_type = getattr(getattr(model, "config", None), "model_type", None)
                 raise ValueError(
                     f"LoraMoeConfig.target_modules is None and no feed-forward linears were found for model type "
                     f"{model_type!r}; set target_modules. Linear modules: {self._name_summary(model)}"
                 )
-            config.target_modules = set(targets)
+            config.target_modules = targets
         if not any(check_target_module_exists(config, n) for n in _linear_names(model)):
             raise ValueError(
                 f"LoraMoeConfig.target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of "

@@ -152,24 +152,16 @@ class NonFiniteLossError(RuntimeError):
 # ---- model -----------------------------------------------------------------------------------------------------
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    """The FFN linears LoRAMoE adapts by default, so that `lora` adapts exactly the same modules."""
-    from .config import DEFAULT_TARGET_MODULES
-    from .model import _infer_ffn_targets
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return sorted(DEFAULT_TARGET_MODULES.get(model_type) or _infer_ffn_targets(model))
-
-
 def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap a base model for ``cfg.method`` (a model that already is a PeftModel is used as it is)."""
     import peft
 
     from .config import LoraMoeConfig
+    from .model import default_target_modules
 
     if isinstance(model, peft.PeftModel):
         return model
-    targets = cfg.target_modules or default_targets(model)
+    targets = cfg.target_modules or sorted(default_target_modules(model))  # `lora` adapts the same modules
     if cfg.method == "loramoe":
         config = LoraMoeConfig(
             num_experts=cfg.num_experts,
