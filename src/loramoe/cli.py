@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("loramoe.interop", "convert an adapter saved by the reference LoRAMoE code"),
@@ -18,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # PEFT 0.21 still calls a transformers API deprecated in 5.x; the warning is noise for CLI users.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = argparse.ArgumentParser(prog="loramoe", description="LoRAMoE adapters for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
