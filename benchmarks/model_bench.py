@@ -22,10 +22,10 @@ PAIRS = [("loramoe", "base"), ("loramoe", "lora"), ("loramoe", "loop"), ("lora",
 
 @dataclass(frozen=True)
 class ModelCase:
-    hidden: int = 512
-    intermediate: int = 1376
+    hidden: int = 1024  # the FFN is the layer benchmarks' main shape, 1024 -> 2752
+    intermediate: int = 2752
     layers: int = 4
-    heads: int = 8
+    heads: int = 16
     vocab: int = 8192
     batch: int = 4
     seq: int = 128
@@ -140,7 +140,9 @@ def _check_parity(runners: dict[str, Runner]) -> float:
     return err
 
 
-def run_model_case(case: ModelCase, rounds: int, min_seconds: float, sweep: tuple[int, ...]) -> dict:
+def run_model_case(
+    case: ModelCase, rounds: int, min_seconds: float, sweep: tuple[int, ...], sweep_rounds: int
+) -> dict:
     """Training step and generate() of every method at ``case.n_experts``; then LoRAMoE and the loop across
     ``sweep`` expert counts (the claim: LoRAMoE's cost hardly depends on N)."""
     base = _base_model(case)
@@ -156,7 +158,7 @@ def run_model_case(case: ModelCase, rounds: int, min_seconds: float, sweep: tupl
 
     sweep_runners = {f"{m}@{n}": Runner(m, base, case, n) for n in sweep for m in ("loramoe", "loop")}
     pairs = [(f"{m}@{sweep[-1]}", f"{m}@{sweep[0]}") for m in ("loramoe", "loop")]
-    by_n = time_interleaved({k: r.train_step for k, r in sweep_runners.items()}, rounds, min_seconds, pairs)
+    by_n = time_interleaved({k: r.train_step for k, r in sweep_runners.items()}, sweep_rounds, min_seconds, pairs)
     return {
         "config": asdict(case),
         "n_experts": case.n_experts,
@@ -174,5 +176,6 @@ def run_model_case(case: ModelCase, rounds: int, min_seconds: float, sweep: tupl
             "n_experts": list(sweep),
             "train_step_ms": {m: [by_n.ms[f"{m}@{n}"] for n in sweep] for m in ("loramoe", "loop")},
             "ratios": by_n.ratios,
+            "rounds": sweep_rounds,
         },
     }

@@ -73,11 +73,11 @@ def markdown(results: dict) -> str:
     rows = []
     for c in results["layer"]:
         ms, r, s, p = c["ms"], c["ratios"], c["saved_bytes"], c["peak_bytes"]
-        rows.append([f"{c['d_in']}->{c['d_out']}", c["tokens"], c["n_experts"], c["dropout"],
+        rows.append([f"{c['d_in']}->{c['d_out']}", c["tokens"], c["n_experts"], c["dropout"], c["rounds"],
                      *(f"{ms[k]:.1f}" for k in METHODS),
                      *(f"{r[k]:.2f}" for k in ("loramoe/base", "loramoe/lora", "loramoe/loop")),
                      " / ".join(f"{s[k] / MB:.1f}" for k in METHODS), " / ".join(f"{p[k] / MB:.0f}" for k in METHODS)])
-    lines += _table(["in->out", "tokens", "N", "dropout", *(f"{k} ms" for k in METHODS), "loramoe/base",
+    lines += _table(["in->out", "tokens", "N", "dropout", "rounds", *(f"{k} ms" for k in METHODS), "loramoe/base",
                      "loramoe/lora", "loramoe/loop", "saved MB (b/l/m/loop)", "peak MB (b/l/m/loop)"], rows)
     lines += ["", "### Layer, forward only (eval, no_grad)", ""]
     rows = [[f"{c['d_in']}->{c['d_out']}", c["tokens"], c["n_experts"],
@@ -96,7 +96,7 @@ def markdown(results: dict) -> str:
         "",
         f"Training step: batch {cfg['batch']} x {cfg['seq']} tokens, forward + backward + AdamW (base: forward + "
         f"backward to the input embeddings, no optimizer). generate(): greedy, prompt {cfg['prompt']}, "
-        f"{cfg['new_tokens']} new tokens, KV cache.",
+        f"{cfg['new_tokens']} new tokens, KV cache. {model['rounds']} rounds.",
         "",
     ]
     tr, gr = model["train_ratios"], model["generate_ratios"]
@@ -110,7 +110,7 @@ def markdown(results: dict) -> str:
     lines.append(f"loramoe / lora training step: {tr['loramoe/lora']:.2f}; loramoe / loop: {tr['loramoe/loop']:.2f}; "
                  f"generate loramoe / lora: {gr['loramoe/lora']:.2f}.")
     sweep = model["n_sweep"]
-    lines += ["", "Training step across N (LoRAMoE and the loop, interleaved):", ""]
+    lines += ["", f"Training step across N (LoRAMoE and the loop, interleaved, {sweep['rounds']} rounds):", ""]
     lines += _table(["N", "loramoe ms", "loop ms"],
                     [[n, f"{sweep['train_step_ms']['loramoe'][i]:.1f}", f"{sweep['train_step_ms']['loop'][i]:.1f}"]
                      for i, n in enumerate(sweep["n_experts"])])
@@ -119,7 +119,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Time vs N at the shape with the most expert counts: forward+backward and forward-only panels."""
+    """Time vs N at the shape with the most expert counts, as a multiple of the frozen base layer's time (the
+    median of per-round ratios, which cancels most of the shared machine's drifting load); two panels:
+    forward+backward and forward only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,20 +135,23 @@ def plot(results: dict, path: Path) -> None:
     ns = [c["n_experts"] for c in cases]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"base": ("k", "--"), "lora": ("tab:blue", "-."), "loramoe": ("tab:green", "-"), "loop": ("tab:red", ":")}
-    for ax, key, title in zip(axes, ("ms", "ms_forward"), ("forward + backward (training)", "forward only (inference)")):
+    panels = (("ms", "ratios", "forward + backward (training)"), ("ms_forward", "ratios_forward", "forward only (eval)"))
+    for ax, (ms_key, ratio_key, title) in zip(axes, panels):
         for m in METHODS:
             color, ls = styles[m]
-            label = "lora (rank N*r)" if m == "lora" else m
-            ax.plot(ns, [c[key][m] for c in cases], color=color, linestyle=ls, marker="o", label=label)
+            ys = [1.0 if m == "base" else c[ratio_key][f"{m}/base"] for c in cases]
+            ax.plot(ns, ys, color=color, linestyle=ls, marker="o", label="lora (rank N*r)" if m == "lora" else m)
+        base_ms = [c[ms_key]["base"] for c in cases]
         ax.set_xlabel("experts N (r = 4 each)")
-        ax.set_ylabel("median ms")
+        ax.set_ylabel(f"time / base time (base: {min(base_ms):.0f}-{max(base_ms):.0f} ms)")
         ax.set_xticks(ns)
         ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
     threads = results["machine"]["torch_threads"]
-    fig.suptitle(f"One linear {d_in}->{d_out}, {tokens} tokens, dropout {dropout}; CPU, {threads} thread(s)")
+    fig.suptitle(f"One linear {d_in}->{d_out}, {tokens} tokens, dropout {dropout}; CPU, {threads} thread(s); "
+                 "medians of interleaved rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

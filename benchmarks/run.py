@@ -1,6 +1,6 @@
 """Run the benchmarks and write ``benchmarks/results/latest.json`` (+ ``latest.md`` tables and ``time_vs_n.png``).
 
-    python -m benchmarks.run            # full run, ~6-9 minutes on 2 shared CPU cores (also: make bench)
+    python -m benchmarks.run            # full run, ~6-8 minutes on 2 shared CPU cores (also: make bench)
     python -m benchmarks.run --quick    # a smaller plan, under a minute
 """
 
@@ -34,21 +34,23 @@ class Plan:
     model_case: ModelCase
     model_rounds: int
     n_sweep: tuple[int, ...]
+    sweep_rounds: int
     min_seconds: float  # one timed sample repeats a call until it lasts this long
 
 
 def full_plan() -> Plan:
-    cases = [(LayerCase(n, 2048, *MAIN), 5) for n in (2, 4, 6, 8, 16)]
-    cases.append((LayerCase(6, 2048, *MAIN, dropout=0.0), 5))
-    cases += [(LayerCase(6, 512, *MAIN), 5), (LayerCase(6, 8192, *MAIN), 3)]
-    cases += [(LayerCase(6, 512, *BIG), 5), (LayerCase(6, 2048, *BIG), 3)]
-    return Plan(cases, ModelCase(), model_rounds=5, n_sweep=(2, 16), min_seconds=0.05)
+    """~6 minutes: the targets' case gets the most rounds; the sweeps around it fewer."""
+    cases = [(LayerCase(n, 2048, *MAIN), 7 if n == 6 else 3) for n in (2, 4, 6, 8, 16)]
+    cases.append((LayerCase(6, 2048, *MAIN, dropout=0.0), 3))
+    cases += [(LayerCase(6, t, *MAIN), 3) for t in (512, 8192)]
+    cases += [(LayerCase(6, t, *BIG), 3) for t in (512, 2048)]
+    return Plan(cases, ModelCase(), model_rounds=5, n_sweep=(2, 16), sweep_rounds=3, min_seconds=0.05)
 
 
 def quick_plan() -> Plan:
     cases = [(LayerCase(n, 512, *MAIN), 3) for n in (2, 6, 16)]
     model = ModelCase(hidden=256, intermediate=688, layers=2, heads=4, vocab=4096, batch=2, seq=64, new_tokens=16)
-    return Plan(cases, model, model_rounds=3, n_sweep=(2, 16), min_seconds=0.02)
+    return Plan(cases, model, model_rounds=3, n_sweep=(2, 16), sweep_rounds=3, min_seconds=0.02)
 
 
 def tiny_plan() -> Plan:
@@ -56,7 +58,7 @@ def tiny_plan() -> Plan:
     cases = [(LayerCase(n, 16, 32, 48), 2) for n in (2, 4)]
     model = ModelCase(hidden=32, intermediate=48, layers=1, heads=4, vocab=64, batch=2, seq=8, prompt=4,
                       new_tokens=2)
-    return Plan(cases, model, model_rounds=2, n_sweep=(2, 4), min_seconds=0.0)
+    return Plan(cases, model, model_rounds=2, n_sweep=(2, 4), sweep_rounds=2, min_seconds=0.0)
 
 
 def machine() -> dict:
@@ -84,7 +86,8 @@ def run(plan: Plan, out: Path, command: str) -> dict:
         print(f"layer {case}, {rounds} rounds", flush=True)
         results["layer"].append(run_layer_case(case, rounds, plan.min_seconds))
     print(f"model {plan.model_case}, {plan.model_rounds} rounds", flush=True)
-    results["model"] = run_model_case(plan.model_case, plan.model_rounds, plan.min_seconds, plan.n_sweep)
+    results["model"] = run_model_case(plan.model_case, plan.model_rounds, plan.min_seconds, plan.n_sweep,
+                                      plan.sweep_rounds)
     results["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     results["seconds"] = time.time() - started
     results["targets"] = targets(results)

@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import NaiveLoraMoe
 from loramoe import LoraMoeConfig
-from loramoe.layer import Linear, mix_experts
+from loramoe.layer import Linear, _dropout_keep, mix_experts
 
 
 def _fused(base: torch.nn.Module, n: int, r: int = 4, alpha: float = 32.0, seed: int = 0) -> Linear:
@@ -150,7 +150,7 @@ def test_custom_function_gradcheck_float64(dropout, residual):
 def test_dropout_training_path_matches_reference_with_the_same_mask():
     """Recover the mask the layer drew (identity experts expose it), then check outputs and every gradient of a
     general layer drawing that same mask against the formula written out with that mask."""
-    p, n, r = 0.4, 2, 4
+    p, n, r = 0.375, 2, 4  # a multiple of 2^-16, which the layer's mask uses exactly
     base = torch.nn.Linear(8, 8).requires_grad_(False)
     layer = Linear(base, "default", LoraMoeConfig(num_experts=n, r=r, lora_dropout=p, init_weights=False)).train()
     scaling = layer.scaling["default"]
@@ -186,6 +186,22 @@ def test_dropout_training_path_matches_reference_with_the_same_mask():
     for i in range(n):
         torch.testing.assert_close(grad_A[i], naive.A[i].grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad_B[i], naive.B[i].grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_rate_and_independence(p):
+    keep, p_used = _dropout_keep(torch.empty(1000, 1000), p)
+    assert abs(p_used - p) <= 2**-17
+    dropped = (~keep).float()
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(dropped.mean().item() - p_used) < 5 * sigma
+    for shift in (1, 2, 3, 4):  # neighbours share 64-bit draws: their masks must still be uncorrelated
+        corr = torch.corrcoef(torch.stack([dropped.view(-1)[:-shift], dropped.view(-1)[shift:]]))[0, 1]
+        assert abs(corr.item()) < 0.01
+    torch.manual_seed(0)
+    a = _dropout_keep(torch.empty(50), p)[0]
+    torch.manual_seed(0)
+    assert torch.equal(a, _dropout_keep(torch.empty(50), p)[0])  # reproducible under the global seed
 
 
 def test_eval_no_grad_and_training_paths_agree():

@@ -38,6 +38,18 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)  # the check is cheaper than a no-op dispatch (decoding: T = 1)
 
 
+def _dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A Bernoulli(1 - p) keep mask (bool) shaped like ``x``, and the drop probability it really used.
+
+    torch.rand costs one generator call per entry; here every 64-bit draw gives four 16-bit lanes, which makes the
+    mask ~2.5x cheaper on CPU (it was the largest single cost of a training step after the GEMMs). p is rounded to
+    a multiple of 2^-16 (0.05 -> 0.0500031); scaling by 1 / (1 - p_used) keeps E[dropout(x)] = x exact.
+    """
+    k = round(p * 65536)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    return bits.view(torch.int16)[: x.numel()].view(x.shape) >= k - 32768, k / 65536
+
+
 def _experts_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -153,7 +165,9 @@ def mix_experts(
     x2 = _cast(x.reshape(-1, d_in), dtype)
     router, lora_A, lora_B = _cast(router, dtype), _cast(lora_A, dtype), _cast(lora_B, dtype)
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    keep = torch.rand_like(x2) >= p if p > 0 else None  # bool: a quarter of the bytes of a dropped copy of x
+    keep = None  # bool mask: a quarter of the bytes of a dropped copy of x
+    if p > 0:
+        keep, p = _dropout_keep(x2, p)
     scale = scaling / (1.0 - p)
 
     root = None
