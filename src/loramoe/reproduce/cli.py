@@ -9,6 +9,7 @@ from pathlib import Path
 from .pipeline import METHODS, Plan, run_experiment
 from .presets import PRESETS, TINY_BASE, smollm2_preset, tiny_preset
 from .report import summarise, to_markdown, write_report
+from .sweep import SWEEPS, run_sweep
 
 # Preset fields a user may override from the command line (the rest is the preset's design).
 OVERRIDES = {"downstream_per_family": int, "test_per_family": int, "epochs": float, "batch_size": int,
@@ -26,6 +27,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps of every run (default: the preset's epochs over each scale's data)")
     parser.add_argument("--base", type=Path, default=TINY_BASE, help="tiny preset: the pre-trained base directory")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
+                        help="sensitivity analysis instead of the comparison: vary N, r or (beta, delta) of LoRAMoE "
+                             "at the largest scale (writes OUT/sweep_NAME; resumes finished settings)")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="override the preset's value")
 
@@ -36,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     preset = tiny_preset(args.base, **changes) if args.preset == "tiny" else smollm2_preset(**changes)
     scales = sorted(args.scales) if args.scales else list(preset.scales)
+    if args.sweep:
+        run_sweep(args.sweep, preset, args.out / f"sweep_{args.sweep}", list(range(args.seeds)), max(scales), args.steps)
+        return 0
     plan = Plan(preset, args.out, list(range(args.seeds)), scales, args.methods, args.steps)
     raw = run_experiment(plan)
     (args.out / "raw_results.json").write_text(json.dumps(raw, indent=1) + "\n")
