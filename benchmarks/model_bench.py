@@ -141,7 +141,7 @@ def _check_parity(runners: dict[str, Runner]) -> float:
 
 
 def run_model_case(
-    case: ModelCase, rounds: int, min_seconds: float, sweep: tuple[int, ...], sweep_rounds: int
+    case: ModelCase, rounds: int, generate_rounds: int, min_seconds: float, sweep: tuple[int, ...], sweep_rounds: int
 ) -> dict:
     """Training step and generate() of every method at ``case.n_experts``; then LoRAMoE and the loop across
     ``sweep`` expert counts (the claim: LoRAMoE's cost hardly depends on N)."""
@@ -149,7 +149,7 @@ def run_model_case(
     runners = {m: Runner(m, base, case, case.n_experts) for m in METHODS}
     err = _check_parity(runners)
     train = time_interleaved({m: r.train_step for m, r in runners.items()}, rounds, min_seconds, PAIRS)
-    generate = time_interleaved({m: r.generate for m, r in runners.items()}, rounds, min_seconds, PAIRS)
+    generate = time_interleaved({m: r.generate for m, r in runners.items()}, generate_rounds, min_seconds, PAIRS)
     for r in runners.values():
         r.model.train()
     saved = {m: saved_tensor_bytes(r.loss, list(r.model.parameters())) for m, r in runners.items()}
@@ -171,6 +171,7 @@ def run_model_case(
         "saved_bytes": saved,
         "peak_bytes": peak,
         "rounds": rounds,
+        "generate_rounds": generate_rounds,
         "loop_vs_loramoe_rel_err": err,
         "n_sweep": {
             "n_experts": list(sweep),

@@ -96,7 +96,8 @@ def markdown(results: dict) -> str:
         "",
         f"Training step: batch {cfg['batch']} x {cfg['seq']} tokens, forward + backward + AdamW (base: forward + "
         f"backward to the input embeddings, no optimizer). generate(): greedy, prompt {cfg['prompt']}, "
-        f"{cfg['new_tokens']} new tokens, KV cache. {model['rounds']} rounds.",
+        f"{cfg['new_tokens']} new tokens, KV cache (tokens/s = new tokens / time of the whole call, prefill "
+        f"included). {model['rounds']} rounds of training steps, {model['generate_rounds']} of generate().",
         "",
     ]
     tr, gr = model["train_ratios"], model["generate_ratios"]

@@ -33,6 +33,7 @@ class Plan:
     layer_cases: list[tuple[LayerCase, int]]
     model_case: ModelCase
     model_rounds: int
+    generate_rounds: int  # decoding at batch 1 is the noisiest measurement: more rounds
     n_sweep: tuple[int, ...]
     sweep_rounds: int
     min_seconds: float  # one timed sample repeats a call until it lasts this long
@@ -44,13 +45,15 @@ def full_plan() -> Plan:
     cases.append((LayerCase(6, 2048, *MAIN, dropout=0.0), 3))
     cases += [(LayerCase(6, t, *MAIN), 3) for t in (512, 8192)]
     cases += [(LayerCase(6, t, *BIG), 3) for t in (512, 2048)]
-    return Plan(cases, ModelCase(), model_rounds=5, n_sweep=(2, 16), sweep_rounds=3, min_seconds=0.05)
+    return Plan(cases, ModelCase(), model_rounds=5, generate_rounds=9, n_sweep=(2, 16), sweep_rounds=3,
+                min_seconds=0.05)
 
 
 def quick_plan() -> Plan:
     cases = [(LayerCase(n, 512, *MAIN), 3) for n in (2, 6, 16)]
     model = ModelCase(hidden=256, intermediate=688, layers=2, heads=4, vocab=4096, batch=2, seq=64, new_tokens=16)
-    return Plan(cases, model, model_rounds=3, n_sweep=(2, 16), sweep_rounds=3, min_seconds=0.02)
+    return Plan(cases, model, model_rounds=3, generate_rounds=3, n_sweep=(2, 16), sweep_rounds=3,
+                min_seconds=0.02)
 
 
 def tiny_plan() -> Plan:
@@ -58,7 +61,8 @@ def tiny_plan() -> Plan:
     cases = [(LayerCase(n, 16, 32, 48), 2) for n in (2, 4)]
     model = ModelCase(hidden=32, intermediate=48, layers=1, heads=4, vocab=64, batch=2, seq=8, prompt=4,
                       new_tokens=2)
-    return Plan(cases, model, model_rounds=2, n_sweep=(2, 4), sweep_rounds=2, min_seconds=0.0)
+    return Plan(cases, model, model_rounds=2, generate_rounds=2, n_sweep=(2, 4), sweep_rounds=2,
+                min_seconds=0.0)
 
 
 def machine() -> dict:
@@ -86,8 +90,8 @@ def run(plan: Plan, out: Path, command: str) -> dict:
         print(f"layer {case}, {rounds} rounds", flush=True)
         results["layer"].append(run_layer_case(case, rounds, plan.min_seconds))
     print(f"model {plan.model_case}, {plan.model_rounds} rounds", flush=True)
-    results["model"] = run_model_case(plan.model_case, plan.model_rounds, plan.min_seconds, plan.n_sweep,
-                                      plan.sweep_rounds)
+    results["model"] = run_model_case(plan.model_case, plan.model_rounds, plan.generate_rounds, plan.min_seconds,
+                                      plan.n_sweep, plan.sweep_rounds)
     results["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     results["seconds"] = time.time() - started
     results["targets"] = targets(results)

@@ -50,6 +50,12 @@ def _dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return bits.view(torch.int16)[: x.numel()].view(x.shape) >= k - 32768, k / 65536
 
 
+def _mask_as(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask as 0/1 in ``dtype``. Through uint8: on CPU that cast is vectorised and ~5x faster than bool's,
+    and products with a float mask are several times faster than with a bool one."""
+    return keep.view(torch.uint8).to(dtype)
+
+
 def _experts_forward(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -67,7 +73,7 @@ def _experts_forward(
     """
     t, n = x.shape[0], router.shape[0]
     logits = F.linear(x, router)
-    h = F.linear(x if keep is None else x * keep, lora_A)  # [T, N*r]
+    h = F.linear(x if keep is None else x * _mask_as(keep, x.dtype), lora_A)  # [T, N*r]
     # [T, N], in fp32 as in the reference (fp64 stays fp64)
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     hs = (h.view(t, n, -1) * _cast(weights, h.dtype).view(t, n, 1)).view(t, -1)  # [T, N*r]
@@ -109,7 +115,7 @@ class _MixExperts(torch.autograd.Function):
         grad_w = grad_weights + (grad_hs * h3).sum(-1, dtype=weights.dtype) * ctx.scale  # d loss / d weights
         grad_logits = (weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))).to(dtype)  # softmax backward
         if keep is not None:
-            keep = keep.to(dtype)  # once: mixed bool/float products are several times slower than float ones
+            keep = _mask_as(keep, dtype)
         grad_x = grad_router = grad_A = None
         if need_router:
             grad_router = grad_logits.T @ x
