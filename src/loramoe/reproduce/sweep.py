@@ -244,7 +244,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     left.set_ylim(0, 102)
     left.set_ylabel("score (%)")
     left.set_title(f"Scores vs {summary['varies']} (x{summary['scale']:g} data)")
-    right.bar(xs, [r["trainable_params"] for r in rows], color="tab:purple")
+    bars = right.bar(xs, [r["trainable_params"] for r in rows], color="tab:purple")
+    right.bar_label(bars, [f"{r['trainable_params'] / 1000:.0f}k" for r in rows], fontsize=8)
     right.set_ylabel("trainable parameters")
     right.set_title("Trainable parameters")
     for ax in (left, right):
