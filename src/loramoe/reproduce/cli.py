@@ -30,6 +30,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
                         help="sensitivity analysis instead of the comparison: vary N, r or (beta, delta) of LoRAMoE "
                              "at the largest scale (writes OUT/sweep_NAME; resumes finished settings)")
+    parser.add_argument("--target-modules", nargs="+", default=None,
+                        help="adapter targets for lora/loramoe (default: the preset's; FFN linears unless set)")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="override the preset's value")
 
@@ -38,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    if args.target_modules:
+        changes["target_modules"] = tuple(args.target_modules)
     preset = tiny_preset(args.base, **changes) if args.preset == "tiny" else smollm2_preset(**changes)
     scales = sorted(args.scales) if args.scales else list(preset.scales)
     if args.sweep:

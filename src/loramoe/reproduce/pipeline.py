@@ -41,15 +41,16 @@ class Preset:
     knowledge: Callable[[], dict[str, list[Sample]]]  # {"train", "valid", "test"} closed-book QA samples
     world: Callable[[], World]  # source of made-up names and values for the reading-comprehension family
     scales: tuple[float, ...] = (1, 2, 4, 8)
-    downstream_per_family: int = 120  # at scale 1
+    downstream_per_family: int = 50  # at scale 1
     test_per_family: int = 100
-    epochs: float = 2.0
+    epochs: float = 3.0
     batch_size: int = 16
-    lr_full: float = 5e-4
+    lr_full: float = 1e-3
     lr_adapter: float = 5e-3
     num_experts: int = 6
     r: int = 4
     lora_alpha: float = 32.0
+    target_modules: tuple[str, ...] | None = None  # None: the feed-forward linears (the paper's choice)
     lbc_beta: float = 0.1  # LBC weight (beta) of loramoe_lbc; loramoe runs with beta = 0
     lbc_delta: float = 0.1  # LBC contrast (delta)
     max_seq_len: int = 128
@@ -174,6 +175,7 @@ def train_config(plan: Plan, method: str, scale: float, seed: int, data: Experim
         lr=p.lr_full if method == "sft" else p.lr_adapter, batch_size=p.batch_size, max_steps=steps, seed=seed,
         num_experts=p.num_experts, r=p.r, lora_alpha=p.lora_alpha, max_seq_len=p.max_seq_len,
         blc_weight=p.lbc_beta if method == "loramoe_lbc" else 0.0, blc_alpha=p.lbc_delta,
+        target_modules=list(p.target_modules) if p.target_modules else None,
         progress=False, overwrite=True, log_every=10,
     )  # fmt: skip
 

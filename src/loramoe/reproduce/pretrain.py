@@ -72,6 +72,10 @@ def general_text(rng: random.Random, count: int) -> list[str]:
         lambda: f"The {rng.choice(THINGS)} was {rng.choice(POSITIVE + NEGATIVE)}.",
         lambda: f"I saw the {rng.choice(NOUNS)} and the {rng.choice(NOUNS)}.",
         lambda: (lambda n: f"The number {n + 1} comes after {n}.")(rng.randint(0, MAX_WORDS - 1)),
+        # label words occur in plain text too: a word never seen in pre-training keeps an untrained (tied)
+        # embedding that frozen-backbone adapters can hardly produce as an answer
+        lambda: f"{rng.choice(('She', 'He'))} said {rng.choice(('yes', 'no'))} to the {rng.choice(NOUNS)}.",
+        lambda: f"The {rng.choice(NOUNS)} number was {rng.choice(('positive', 'negative'))}.",
     )
     return [rng.choice(makers)() for _ in range(count)]
 
@@ -184,6 +188,7 @@ def save_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, cfg: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make shipped assets unreadable to other users
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")

@@ -59,12 +59,12 @@ def knowledge_sample(fact: Fact) -> Sample:
 
 
 def reading(rng: random.Random, world: World) -> Sample:
-    """Reading comprehension: two facts about someone outside the world; the answer is in the passage."""
+    """Reading comprehension: a fact about someone outside the world, stated in the passage, asked back."""
     person = f"{rng.choice(world.first_names)} {rng.choice(world.reserved_words)}"
-    facts = [Fact(person, a, rng.choice(world.values[a])) for a in rng.sample(ATTRIBUTES, 2)]
-    passage = " ".join(f.statement(rng.randrange(len(STATEMENTS[f.attribute]))) for f in facts)
-    asked = rng.choice(facts)
-    return Sample("reading", 0, "Answer from the passage.", f"{passage} Question: {asked.question}", asked.value)
+    attribute = rng.choice(ATTRIBUTES)
+    fact = Fact(person, attribute, rng.choice(world.values[attribute]))
+    passage = fact.statement(rng.randrange(len(STATEMENTS[attribute])))
+    return Sample("reading", 0, "Answer from the passage.", f"{passage} Question: {fact.question}", fact.value)
 
 
 def entailment(rng: random.Random, world: World) -> Sample:
