@@ -117,8 +117,10 @@ def test_summary_numbers_by_hand():
     assert row["average_std"] == pytest.approx(0.0, abs=1e-12)
     assert row["routing_gap"] == pytest.approx(0.2) and row["routing_gap_std"] == pytest.approx(0.1414214)
     assert row["wall_seconds"] == pytest.approx(2.5) and row["trainable_params"] == 7
+    assert row["downstream"] == pytest.approx({"a": 0.5, "b": 0.3})
     assert empty["seeds_done"] == [] and "average" not in empty
     assert s["base"] == pytest.approx({"world_knowledge": 0.9, "downstream_mean": 0.2})
     md = sweep.to_markdown({**s, "varies": "N", "preset": "t", "scale": 8, "steps": 3})
     assert "| N=2 | loramoe_lbc | 2 | 7 | 70.0 ± 14.1 | 40.0 ± 14.1 | 55.0 ± 0.0 | 20.0 ± 14.1 |" in md
     assert "| N=4 | loramoe_lbc | 0 | — | — |" in md
+    assert "| N=2 | 50.0 | 30.0 |" in md

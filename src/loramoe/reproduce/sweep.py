@@ -186,6 +186,7 @@ def summarise(meta: dict[str, Any], points: list[Setting], done: dict[tuple[str,
             for key in per_run[0]:
                 values = [m[key] for m in per_run]
                 row[key], row[key + "_std"] = _mean(values), _std(values)
+            row["downstream"] = {t: _mean([r["scores"][t] for r in runs]) for t in meta["downstream_tasks"]}
             row["trainable_params"] = runs[0]["trainable_params"]
         rows.append(row)
     base = meta["base_scores"]
@@ -225,6 +226,12 @@ def to_markdown(summary: dict[str, Any]) -> str:
             f"{_cell(row, 'downstream_mean')} | {_cell(row, 'average')} | {_cell(row, 'routing_gap')} | "
             f"{_cell(row, 'wall_seconds', 1.0, 0)} |"
         )
+    tasks = summary["downstream_tasks"]
+    lines += ["", "Downstream tasks (mean over seeds, %):", "", "| setting | " + " | ".join(tasks) + " |",
+              "|---|" + "---:|" * len(tasks)]  # fmt: skip
+    for row in summary["settings"]:
+        if "downstream" in row:
+            lines.append(f"| {row['setting']} | " + " | ".join(f"{100 * row['downstream'][t]:.1f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 
 
