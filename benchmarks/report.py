@@ -1,7 +1,12 @@
-"""Turn a results dict into the targets check, markdown tables (``latest.md``) and the time-vs-N plot."""
+"""Turn a results dict into the targets check, markdown tables (``latest.md``) and the time-vs-N plot.
+
+    python -m benchmarks.report benchmarks/results/latest.json     # rewrite latest.md and the plot from the JSON
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -80,12 +85,12 @@ def markdown(results: dict) -> str:
     lines += _table(["in->out", "tokens", "N", "dropout", "rounds", *(f"{k} ms" for k in METHODS), "loramoe/base",
                      "loramoe/lora", "loramoe/loop", "saved MB (b/l/m/loop)", "peak MB (b/l/m/loop)"], rows)
     lines += ["", "### Layer, forward only (eval, no_grad)", ""]
-    rows = [[f"{c['d_in']}->{c['d_out']}", c["tokens"], c["n_experts"],
+    rows = [[f"{c['d_in']}->{c['d_out']}", c["tokens"], c["n_experts"], c["dropout"],
              *(f"{c['ms_forward'][k]:.1f}" for k in METHODS),
              *(f"{c['ratios_forward'][k]:.2f}" for k in ("loramoe/base", "loramoe/lora", "loramoe/loop"))]
             for c in results["layer"]]
-    lines += _table(["in->out", "tokens", "N", *(f"{k} ms" for k in METHODS), "loramoe/base", "loramoe/lora",
-                     "loramoe/loop"], rows)
+    lines += _table(["in->out", "tokens", "N", "dropout (off in eval)", *(f"{k} ms" for k in METHODS),
+                     "loramoe/base", "loramoe/lora", "loramoe/loop"], rows)
 
     model = results["model"]
     cfg = model["config"]
@@ -161,3 +166,8 @@ def plot(results: dict, path: Path) -> None:
 def write_report(results: dict, md_path: Path, png_path: Path) -> None:
     md_path.write_text(markdown(results))
     plot(results, png_path)
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1])
+    write_report(json.loads(source.read_text()), source.with_suffix(".md"), source.parent / "time_vs_n.png")
