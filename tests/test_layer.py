@@ -222,6 +222,15 @@ def test_eval_no_grad_and_training_paths_agree():
     assert not torch.allclose(layer(x), y_grad)
 
 
+def test_empty_input():
+    layer = _fused(torch.nn.Linear(24, 40), 3)
+    x = torch.randn(2, 0, 24, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, 40)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_base_output_is_updated_in_place():
     """The residual add rides on the output product: the result lives in the base layer's output buffer."""
     base = torch.nn.Linear(24, 40).requires_grad_(False)

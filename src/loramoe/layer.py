@@ -7,9 +7,9 @@ The experts are stored stacked, A = [A_1; ...; A_N] (N*r x in) and B = [B_1 ... 
 sum over experts is two matrix products whatever N is: h = dropout(x) A^T, scale the i-th r-block of h by
 w_i(x), then h B^T. That costs what one LoRA of rank N*r costs; no Python loop over experts.
 
-What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling rides on the per-token gate, the
-residual add rides on the output GEMM (addmm into the base output, no full-size temporary), a custom autograd
-Function saves x, a 1-byte dropout mask, h and the router weights instead of every intermediate.
+What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling and the residual add ride on the
+output GEMM (addmm_ into the base output, no full-size temporary), and a custom autograd Function saves x, a
+1-byte dropout mask, h and the router weights instead of every intermediate.
 """
 
 from __future__ import annotations
@@ -71,15 +71,15 @@ def _experts_forward(
     expert); y = residual + scale * hs B^T, accumulated in place into ``residual`` when given (the residual add and
     the scaling ride on the output GEMM: no full-size temporary).
     """
-    t, n = x.shape[0], router.shape[0]
+    t, n, r = x.shape[0], router.shape[0], lora_A.shape[0] // router.shape[0]
     logits = F.linear(x, router)
     h = F.linear(x if keep is None else x * _mask_as(keep, x.dtype), lora_A)  # [T, N*r]
     # [T, N], in fp32 as in the reference (fp64 stays fp64)
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    hs = (h.view(t, n, -1) * _cast(weights, h.dtype).view(t, n, 1)).view(t, -1)  # [T, N*r]
+    hs = (h.view(t, n, r) * _cast(weights, h.dtype).view(t, n, 1)).view(t, n * r)
     if residual is None:
         return F.linear(hs * scale, lora_B), weights, h
-    return residual.view(t, -1).addmm_(hs, lora_B.t(), alpha=scale), weights, h
+    return residual.view(t, lora_B.shape[0]).addmm_(hs, lora_B.t(), alpha=scale), weights, h
 
 
 class _MixExperts(torch.autograd.Function):
@@ -105,13 +105,14 @@ class _MixExperts(torch.autograd.Function):
         x, keep, router, lora_A, lora_B, h, weights = ctx.saved_tensors
         need_x, need_residual, need_router, need_A, need_B = ctx.needs_input_grad[:5]
         t, n, dtype = x.shape[0], router.shape[0], h.dtype
+        r = h.shape[1] // n
         gate = (weights * ctx.scale).to(dtype).view(t, n, 1)
-        h3 = h.view(t, n, -1)  # [T, N, r]
-        grad_y = grad_out.reshape(t, -1)
+        h3 = h.view(t, n, r)
+        grad_y = grad_out.reshape(t, lora_B.shape[0])
         # (hs^T grad_y)^T rather than grad_y^T hs: the same product, ~3x faster on MKL (grad_y is read row-wise).
-        grad_B = ((h3 * gate).view(t, -1).T @ grad_y).T if need_B else None
-        grad_hs = (grad_y @ lora_B).view(t, n, -1)  # [T, N, r]
-        grad_h = (grad_hs * gate).view(t, -1)  # [T, N*r]
+        grad_B = ((h3 * gate).view(t, n * r).T @ grad_y).T if need_B else None
+        grad_hs = (grad_y @ lora_B).view(t, n, r)
+        grad_h = (grad_hs * gate).view(t, n * r)
         grad_w = grad_weights + (grad_hs * h3).sum(-1, dtype=weights.dtype) * ctx.scale  # d loss / d weights
         grad_logits = (weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))).to(dtype)  # softmax backward
         if keep is not None:
