@@ -46,7 +46,7 @@ class Preset:
     epochs: float = 3.0
     batch_size: int = 16
     lr_full: float = 1e-3
-    lr_adapter: float = 5e-3
+    lr_adapter: float = 2e-3
     num_experts: int = 6
     r: int = 4
     lora_alpha: float = 32.0
