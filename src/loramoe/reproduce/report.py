@@ -106,7 +106,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Seeds {report['seeds']}; data scales {report['data_scales']} (downstream data x scale; knowledge QA fixed); "
         f"scores in % at the largest scale (x{largest:g}), mean ± std over seeds. World knowledge = exact match on "
-        "closed-book questions about facts seen in pre-training and never in fine-tuning.",
+        "closed-book questions about facts seen in pre-training and never in fine-tuning. "
+        f"Wall time of the whole experiment: {report['wall_seconds'] / 60:.1f} min; 'train s' is one run's training "
+        "time at the largest scale.",
         "",
         "| method | trainable params | world knowledge | " + " | ".join(tasks) + " | downstream mean | train s |",
         "|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
