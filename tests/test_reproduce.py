@@ -11,9 +11,10 @@ from collections import Counter
 import pytest
 import torch
 
+from loramoe.data import encode_record
 from loramoe.evaluate import load_tasks
 from loramoe.reproduce import tasks
-from loramoe.reproduce.pipeline import METHODS, Plan, build_data, run_experiment
+from loramoe.reproduce.pipeline import METHODS, Plan, build_data, eval_prompt, run_experiment
 from loramoe.reproduce.presets import REAL_FACTS, load_probe, split_probe, tiny_preset
 from loramoe.reproduce.pretrain import PretrainConfig, pretrain, save_base, train_tokenizer, vocabulary_texts
 from loramoe.reproduce.report import summarise, write_report
@@ -153,12 +154,8 @@ def test_test_facts_never_reach_the_fine_tuning_data(toy_base, tmp_path):
 
 def test_eval_prompt_matches_the_training_encoding(toy_base, tmp_path):
     """A test prompt tokenises to exactly the prompt part that fine-tuning trains on."""
-    from loramoe.data import encode_record
-
     path, _, tokenizer, world = toy_base
     preset = tiny_preset(path)
-    from loramoe.reproduce.pipeline import eval_prompt
-
     sample = tasks.knowledge_sample(world.facts_of("test")[0])
     encoded = encode_record(sample.train_record(), tokenizer, 128, {})[0]
     prompt_len = sum(1 for label in encoded.labels if label == -100)
