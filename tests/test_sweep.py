@@ -4,8 +4,10 @@ changed configuration is refused) and the summary numbers by hand."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
 from loramoe.reproduce import sweep
 from loramoe.reproduce.pipeline import Plan, train_config
@@ -78,12 +80,20 @@ def test_two_point_sweep_schema_and_resume(toy_preset, tmp_path, counted_train):
     assert p4 - p2 == 2 * TOY.num_layers * (toy_preset.r * ffn + router_in)
     run = json.loads((out / "results" / "num_experts4_seed1.json").read_text())
     assert run["train_config"]["num_experts"] == 4 and run["train_config"]["seed"] == 1
+    assert set(run["inputs"]["data_sha256"]) == {"knowledge_train.jsonl", "downstream_x2.jsonl"}
     md = (out / "sweep.md").read_text()
     assert "| N=2 | loramoe_lbc | 2 |" in md and "| base model |" in md
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
     with pytest.raises(ValueError, match=r"num_experts2_seed0.json.*different training configuration"):
         sweep.run_sweep("experts", toy_preset, out, seeds=[0], steps=2, log=lambda line: None)
+    base, tokenizer = toy_preset.load()
+    with torch.no_grad():
+        base.lm_head.weight[0, 0] += 1.0  # the same path, other weights: a re-trained base
+
+    with pytest.raises(ValueError, match=r"num_experts2_seed0.json.*another base model"):
+        sweep.run_sweep("experts", replace(toy_preset, load=lambda: (base, tokenizer)), out, seeds=[0], **quiet)
+    assert counted_train["calls"] == 2
 
 
 def test_lbc_sweep_turns_the_lbc_off_at_beta_zero(toy_preset, tmp_path):

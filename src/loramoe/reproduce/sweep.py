@@ -10,6 +10,7 @@ Training, evaluation and routing statistics are the library's (`loramoe.train`, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import statistics
@@ -82,7 +83,22 @@ def _fingerprint(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(fields, default=str))
 
 
-def _load_done(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Digest of every tensor of ``model``: a base re-trained in place (same path, new weights) is a new base."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _inputs(base_sha256: str, files: list[Path]) -> dict[str, Any]:
+    """The base weights and the training files' contents, which the configuration names only by path."""
+    return {"base_weights_sha256": base_sha256,
+            "data_sha256": {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}}  # fmt: skip
+
+
+def _load_done(path: Path, fingerprint: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
@@ -91,6 +107,9 @@ def _load_done(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None
         raise ValueError(f"{path}: not valid JSON ({e}); delete it to recompute this run.") from None
     if result.get("train_config") != fingerprint:
         raise ValueError(f"{path}: recorded with a different training configuration than this sweep's; "
+                         "use another --out or delete the file to recompute it.")  # fmt: skip
+    if result.get("inputs") != inputs:
+        raise ValueError(f"{path}: recorded with another base model or other training data than this sweep's; "
                          "use another --out or delete the file to recompute it.")  # fmt: skip
     return result
 
@@ -121,6 +140,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
         return dict(evaluate(model, tokenizer, samples, preset.eval_batch_size, preset.max_new_tokens, progress=False).main)
 
     meta["base_scores"] = score(base)
+    inputs = _inputs(weights_sha256(base), data.train_files[scale])
     done: dict[tuple[str, int], dict[str, Any]] = {}
     start = time.time()
     for seed in seeds:
@@ -128,7 +148,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
             plan = Plan(point.preset, out / "work" / point.key, [seed], [scale], [point.method], steps)
             cfg = train_config(plan, point.method, scale, seed, data, n_steps)
             path = out / RESULTS_DIR / f"{point.key}_seed{seed}.json"
-            result = _load_done(path, _fingerprint(cfg))
+            result = _load_done(path, _fingerprint(cfg), inputs)
             if result is not None:
                 log(f"{point.label}, seed {seed}: done earlier ({path})")
             else:
@@ -143,7 +163,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
                           "scores": scores, "knowledge_share": shares, "trainable_params": trained.trainable_params,
                           "train_seconds": trained.train_seconds, "wall_seconds": time.time() - t0,
                           "steps": trained.steps, "final_lm_loss": trained.metrics.get("lm_loss"),
-                          "train_config": _fingerprint(cfg)}  # fmt: skip
+                          "train_config": _fingerprint(cfg), "inputs": inputs}  # fmt: skip
                 _write_json_atomic(path, result)
             done[(point.key, seed)] = result
             summary = summarise(meta, points, done)
@@ -242,7 +262,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, width_ratios=(3, 2))
     xs = list(range(len(rows)))
-    labels = [r["setting"] for r in rows]
+    labels = [r["setting"].replace(", ", ",\n") for r in rows]
     for key, name, marker in (("world_knowledge", "world knowledge", "o"), ("downstream_mean", "downstream mean", "s"),
                               ("average", "average", "D")):  # fmt: skip
         left.errorbar(xs, [100 * r[key] for r in rows], yerr=[100 * r[key + "_std"] for r in rows], label=name,
@@ -256,7 +276,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     right.set_ylabel("trainable parameters")
     right.set_title("Trainable parameters")
     for ax in (left, right):
-        ax.set_xticks(xs, labels, rotation=15 if len(max(labels, key=len, default="")) > 6 else 0)
+        ax.set_xticks(xs, labels)
         ax.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower left")
     fig.savefig(path)
