@@ -136,3 +136,25 @@ def byte_tokenizer():
 def tiny_llama_dir(tmp_path_factory):
     """A saved tiny random Llama (hidden 32, 2 layers) with the byte tokenizer, as `loramoe train --model` takes."""
     return _make_tiny_model_module().make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=32)
+
+
+# A toy-size pre-trained world model, shared by the reproduce and sweep tests (built once per session).
+
+
+def toy_pretrain_config():
+    from loramoe.reproduce.pretrain import PretrainConfig
+
+    return PretrainConfig(num_people=24, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                          block_size=32, batch_size=4, steps=3, threads=1)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def toy_base(tmp_path_factory):
+    """(path, model, tokenizer, world) of a toy pre-trained base saved with `save_base`."""
+    from loramoe.reproduce.pretrain import pretrain, save_base
+
+    config = toy_pretrain_config()
+    model, tokenizer, world = pretrain(config, log=lambda line: None)
+    path = tmp_path_factory.mktemp("toy_base")
+    save_base(model, tokenizer, config, path)
+    return path, model, tokenizer, world

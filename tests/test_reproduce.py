@@ -11,25 +11,17 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import toy_pretrain_config
 from loramoe.data import encode_record
 from loramoe.evaluate import load_tasks
 from loramoe.reproduce import tasks
 from loramoe.reproduce.pipeline import METHODS, Plan, build_data, eval_prompt, run_experiment
 from loramoe.reproduce.presets import REAL_FACTS, load_probe, split_probe, tiny_preset
-from loramoe.reproduce.pretrain import PretrainConfig, pretrain, save_base, train_tokenizer, vocabulary_texts
+from loramoe.reproduce.pretrain import PretrainConfig, pretrain, train_tokenizer, vocabulary_texts
 from loramoe.reproduce.report import summarise, write_report
 from loramoe.reproduce.world import ATTRIBUTES, make_world
 
-TOY = PretrainConfig(num_people=24, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, block_size=32,
-                     batch_size=4, steps=3, threads=1)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def toy_base(tmp_path_factory):
-    model, tokenizer, world = pretrain(TOY, log=lambda line: None)
-    path = tmp_path_factory.mktemp("toy_base")
-    save_base(model, tokenizer, TOY, path)
-    return path, model, tokenizer, world
+TOY = toy_pretrain_config()
 
 
 # ---- world -----------------------------------------------------------------------------------------------------

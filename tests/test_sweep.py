@@ -9,21 +9,18 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import toy_pretrain_config
 from loramoe.reproduce import sweep
 from loramoe.reproduce.pipeline import Plan, train_config
 from loramoe.reproduce.presets import tiny_preset
-from loramoe.reproduce.pretrain import PretrainConfig, pretrain, save_base
 from loramoe.reproduce.tasks import FAMILIES
 
-TOY = PretrainConfig(num_people=24, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, block_size=32,
-                     batch_size=4, steps=2, threads=1)  # fmt: skip
+TOY = toy_pretrain_config()
 
 
 @pytest.fixture(scope="module")
-def toy_preset(tmp_path_factory):
-    model, tokenizer, _ = pretrain(TOY, log=lambda line: None)
-    path = tmp_path_factory.mktemp("toy_base")
-    save_base(model, tokenizer, TOY, path)
+def toy_preset(toy_base):
+    path = toy_base[0]
     return tiny_preset(path, downstream_per_family=4, test_per_family=2, batch_size=4, eval_batch_size=16,
                        max_new_tokens=4, scales=(1, 2))  # fmt: skip
 
