@@ -158,3 +158,16 @@ def toy_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy_base")
     save_base(model, tokenizer, config, path)
     return path, model, tokenizer, world
+
+
+def save_base_and_loramoe(root, base, tokenizer):
+    """Write ``root/base`` (model + tokenizer) and ``root/adapter`` (a random-B LoRAMoE, N=2, r=2) for CLI tests."""
+    import peft
+
+    from loramoe import LoraMoeConfig
+
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    peft.get_peft_model(base, LoraMoeConfig(num_experts=2, r=2, init_weights=False)).save_pretrained(adapter_dir)
+    return base_dir, adapter_dir

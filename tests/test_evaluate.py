@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import EVAL_WORDS, bigram_llama
+from conftest import EVAL_WORDS, bigram_llama, save_base_and_loramoe
 from loramoe import LoraMoeConfig
 from loramoe.cli import main as cli_main
 from loramoe.evaluate import (
@@ -294,11 +294,8 @@ def test_report_json_and_markdown(tmp_path, word_tokenizer):
 
 
 def test_cli_eval_base_plus_adapter(tmp_path, word_tokenizer):
-    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
-    base = _random_llama(seed=2)
-    base.save_pretrained(base_dir)
-    word_tokenizer.save_pretrained(base_dir)
-    peft.get_peft_model(base, LoraMoeConfig(num_experts=2, r=2, init_weights=False)).save_pretrained(adapter_dir)
+    out = tmp_path / "out"
+    base_dir, adapter_dir = save_base_and_loramoe(tmp_path, _random_llama(seed=2), word_tokenizer)
     tasks = _write(tmp_path / "nli.jsonl", [
         {"type": "choice", "prompt": "the cat is red ?", "choices": ["yes", "no"], "answer": 0},
         {"task": "cbqa", "type": "generate", "prompt": "q : capital of italy ?", "answers": ["rome"]},

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import EVAL_WORDS, bigram_llama
+from conftest import EVAL_WORDS, bigram_llama, save_base_and_loramoe
 from loramoe import LoraMoeConfig
 from loramoe.cli import main as cli_main
 from loramoe.evaluate import EvalSample
@@ -141,11 +141,8 @@ def test_model_without_loramoe_is_refused(word_tokenizer):
 
 
 def test_cli_routes(tmp_path, word_tokenizer):
-    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
-    base = _random_llama(layers=1)
-    base.save_pretrained(base_dir)
-    word_tokenizer.save_pretrained(base_dir)
-    peft.get_peft_model(base, LoraMoeConfig(num_experts=2, r=2, init_weights=False)).save_pretrained(adapter_dir)
+    out = tmp_path / "out"
+    base_dir, adapter_dir = save_base_and_loramoe(tmp_path, _random_llama(layers=1), word_tokenizer)
     trivia = tmp_path / "trivia.jsonl"
     trivia.write_text(json.dumps({"type": "generate", "prompt": "capital of italy ?", "answers": ["rome"]}) + "\n")
     mixed = tmp_path / "mixed.jsonl"
