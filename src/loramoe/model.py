@@ -138,8 +138,9 @@ class LoraMoeModel(BaseTuner):
 
     def forward(self, *args: Any, task_types: torch.Tensor | None = None, **kwargs: Any):
         config: LoraMoeConfig = self.peft_config[self.active_adapters[0]]
-        use_lbc = task_types is not None and not self._adapters_disabled()
-        layers = list(self.loramoe_layers()) if use_lbc else []
+        layers = list(self.loramoe_layers()) if task_types is not None else []  # one walk of the module tree
+        use_lbc = any(not layer.disable_adapters for _, layer in layers)
+        layers = layers if use_lbc else []
         sinks: list[list[torch.Tensor]] = []
         if use_lbc:
             task_types = self._check_task_types(task_types, args, kwargs)
@@ -171,9 +172,6 @@ class LoraMoeModel(BaseTuner):
             out["lm_loss"] = lm_loss
             out["loss"] = lm_loss + config.blc_weight * blc.to(lm_loss.device)
         return out
-
-    def _adapters_disabled(self) -> bool:
-        return all(layer.disable_adapters for _, layer in self.loramoe_layers())
 
     @staticmethod
     def _mask_for(kwargs: dict, detach: bool = False) -> torch.Tensor | None:
