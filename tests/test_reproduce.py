@@ -14,8 +14,8 @@ import torch
 from conftest import toy_pretrain_config
 from loramoe.data import encode_record
 from loramoe.evaluate import load_tasks
-from loramoe.reproduce import tasks
-from loramoe.reproduce.pipeline import METHODS, Plan, build_data, eval_prompt, run_experiment
+from loramoe.reproduce import pipeline, tasks
+from loramoe.reproduce.pipeline import METHODS, Plan, build_data, eval_prompt, run_experiment, with_overrides
 from loramoe.reproduce.presets import REAL_FACTS, load_probe, split_probe, tiny_preset
 from loramoe.reproduce.pretrain import PretrainConfig, pretrain, train_tokenizer, vocabulary_texts
 from loramoe.reproduce.report import summarise, write_report
@@ -157,7 +157,7 @@ def test_eval_prompt_matches_the_training_encoding(toy_base, tmp_path):
 # ---- the whole pipeline at toy size ----------------------------------------------------------------------------
 
 
-def test_pipeline_smoke(toy_base, tmp_path):
+def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     path, _, _, _ = toy_base
     preset = tiny_preset(path, downstream_per_family=4, test_per_family=2, batch_size=4, eval_batch_size=16,
                          max_new_tokens=4)  # fmt: skip
@@ -178,6 +178,21 @@ def test_pipeline_smoke(toy_base, tmp_path):
     lora, moe = saved["methods"]["lora"]["trainable_params"], saved["methods"]["loramoe"]["trainable_params"]
     assert 0.8 < lora / moe <= 1.0  # rank N*r: the same expert parameters, LoRAMoE adds the routers
     assert set(saved["routing"]["knowledge_share"]) == {"world_knowledge", *tasks.FAMILIES}
+
+    # a rerun into the same folder trains and evaluates nothing and reports the same numbers
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    monkeypatch.setattr(pipeline, "evaluate", no_training)
+    lines.clear()
+    again = summarise(run_experiment(plan, log=lines.append))
+    assert again["methods"] == report["methods"] and again["routing"] == report["routing"]
+    assert sum("done earlier" in line for line in lines) == 1 + 2 * (len(METHODS) - 1)
+    # ... but a saved run from another configuration is an error, not a silent mix of two experiments
+    changed = Plan(with_overrides(preset, lr_adapter=1e-4), tmp_path, seeds=[0], scales=[1, 2], methods=["lora"], steps=1)
+    with pytest.raises(ValueError, match=r"lora_x1_seed0\.json: recorded with a different training configuration"):
+        run_experiment(changed, log=lines.append)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------

@@ -23,12 +23,14 @@ import torch
 from ..evaluate import evaluate, load_tasks
 from ..routing import routing_profile
 from ..train import TrainConfig, train
+from .store import fingerprint, inputs_digest, load_done, weights_sha256, write_json_atomic
 from .tasks import FAMILIES, KNOWLEDGE_TASK, Sample, generate
 from .world import World
 
 # method name -> TrainConfig.method; "base" is the untouched base model; LoRAMoE runs with and without the LBC
 METHODS: dict[str, str | None] = {"base": None, "sft": "full", "lora": "lora", "loramoe": "loramoe", "loramoe_lbc": "loramoe"}
 VALID_TASK = KNOWLEDGE_TASK + "_valid"
+RESULTS_DIR = "results"  # one JSON file per finished run: what a rerun with the same --out reuses
 
 
 @dataclass
@@ -229,30 +231,53 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
         report = evaluate(model, tokenizer, samples, plan.preset.eval_batch_size, plan.preset.max_new_tokens, progress=False)
         return dict(report.main)
 
+    inputs = inputs_digest(weights_sha256(base), [*data.test_files, data.valid_file])
     runs: list[dict[str, Any]] = []
+
+    def finish(run: dict[str, Any], path: Path) -> None:
+        write_json_atomic(path, run)
+        runs.append(run)
+        _write_jsonl(plan.out / "runs.jsonl", runs)
+
     if "base" in plan.methods:
-        progress.stage("evaluating the base model")
-        runs.append({"method": "base", "scale": None, "seed": None, "scores": score(base), "trainable_params": 0,
-                     "train_seconds": 0.0, "steps": 0})  # fmt: skip
+        path = plan.out / RESULTS_DIR / "base.json"
+        base_config = {"method": "base", "model": plan.preset.model_ref}
+        run = load_done(path, base_config, inputs)
+        if run is None:
+            progress.stage("evaluating the base model")
+            run = {"method": "base", "scale": None, "seed": None, "scores": score(base), "trainable_params": 0,
+                   "train_seconds": 0.0, "steps": 0, "train_config": base_config, "inputs": inputs}  # fmt: skip
+        else:
+            log(f"base: done earlier ({path})")
         progress.advance(EVAL_UNITS)
+        finish(run, path)
     for seed in plan.seeds:
         for scale in plan.scales:
             for method in trained:
-                progress.stage(f"{method}: data x{scale:g}, seed {seed}, {steps[scale]} steps")
                 cfg = train_config(plan, method, scale, seed, data, steps[scale])
+                path = plan.out / RESULTS_DIR / f"{method}_x{scale:g}_seed{seed}.json"
+                run_inputs = inputs_digest(inputs["base_weights_sha256"], [*data.train_files[scale], *data.test_files,
+                                                                           data.valid_file])  # fmt: skip
+                run = load_done(path, fingerprint(cfg), run_inputs)
+                if run is not None:
+                    log(f"{method}: data x{scale:g}, seed {seed}: done earlier ({path})")
+                    progress.total -= steps[scale] + EVAL_UNITS  # the time estimate counts work still to do
+                    finish(run, path)
+                    continue
+                progress.stage(f"{method}: data x{scale:g}, seed {seed}, {steps[scale]} steps")
                 result = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
                 progress.advance(steps[scale])
                 run = {"method": method, "scale": scale, "seed": seed, "scores": score(result.model),
                        "trainable_params": result.trainable_params, "train_seconds": result.train_seconds,
-                       "steps": result.steps, "final_lm_loss": result.metrics.get("lm_loss")}  # fmt: skip
+                       "steps": result.steps, "final_lm_loss": result.metrics.get("lm_loss"),
+                       "train_config": fingerprint(cfg), "inputs": run_inputs}  # fmt: skip
                 if method in plan.routing_methods and scale == max(plan.scales):
                     profile = routing_profile(result.model, tokenizer, test, plan.preset.eval_batch_size, progress=False)
                     run["knowledge_share"] = {name: profile.knowledge_share(name) for name in profile.datasets}
                     if seed == plan.seeds[0]:
                         profile.save(plan.out / "routing" / method)
                 progress.advance(EVAL_UNITS)
-                runs.append(run)
-                _write_jsonl(plan.out / "runs.jsonl", runs)
+                finish(run, path)
     progress.stage("done")
     return {"preset": plan.preset.name, "seeds": plan.seeds, "scales": plan.scales, "runs": runs,
             "data": data.counts, "steps": {f"{s:g}": n for s, n in steps.items()},

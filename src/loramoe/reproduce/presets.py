@@ -78,8 +78,10 @@ def smollm2_preset(probe: Path = REAL_FACTS, **changes) -> Preset:
     def load():
         return load_base_model("smollm2"), load_tokenizer("smollm2")
 
+    # Sized to finish in about an hour on 2 CPU cores: measured 6 s per full-SFT step and 3.7 s per LoRAMoE
+    # step (batch 8), and about 1.5 min per evaluation of the 300-odd test questions.
     settings = dict(
-        scales=(1, 2, 4), downstream_per_family=100, test_per_family=60, epochs=1.0, batch_size=8, lr_full=2e-5,
+        scales=(1, 4), downstream_per_family=40, test_per_family=50, epochs=1.0, batch_size=8, lr_full=2e-5,
         lr_adapter=5e-4, max_seq_len=256, eval_batch_size=16, max_new_tokens=16, chat=True, knowledge_shots=shots,
         threads=None,
     )  # fmt: skip

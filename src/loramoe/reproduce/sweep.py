@@ -10,9 +10,6 @@ Training, evaluation and routing statistics are the library's (`loramoe.train`, 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +24,8 @@ from matplotlib.figure import Figure
 from ..evaluate import evaluate, load_tasks
 from ..routing import routing_profile
 from ..train import train
-from .pipeline import Plan, Preset, build_data, planned_steps, train_config, with_overrides
+from .pipeline import RESULTS_DIR, Plan, Preset, build_data, planned_steps, train_config, with_overrides
+from .store import fingerprint, inputs_digest, load_done, weights_sha256, write_json_atomic
 from .tasks import KNOWLEDGE_TASK
 
 # sweep name -> (what varies, its settings as Preset field changes); K = N // 2 is the library's default
@@ -37,7 +35,6 @@ SWEEPS: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "lbc": ("LBC strength (beta, delta)",
             [{"lbc_beta": b, "lbc_delta": d} for b, d in ((0.0, 0.0), (0.1, 0.1), (0.3, 0.1), (0.1, 0.3))]),
 }  # fmt: skip
-RESULTS_DIR = "results"
 
 
 @dataclass
@@ -67,53 +64,6 @@ def settings(sweep: str, preset: Preset) -> list[Setting]:
     return points
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file in the same directory, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _fingerprint(config: Any) -> dict[str, Any]:
-    """What makes a run this run: its training configuration without where it writes."""
-    fields = config.to_dict()
-    fields.pop("output_dir", None)
-    fields["data"] = [Path(str(f)).name for f in fields["data"]]  # the same data wherever the sweep's folder is
-    return json.loads(json.dumps(fields, default=str))
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Digest of every tensor of ``model``: a base re-trained in place (same path, new weights) is a new base."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _inputs(base_sha256: str, files: list[Path]) -> dict[str, Any]:
-    """The base weights and the training files' contents, which the configuration names only by path."""
-    return {"base_weights_sha256": base_sha256,
-            "data_sha256": {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}}  # fmt: skip
-
-
-def _load_done(path: Path, fingerprint: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); delete it to recompute this run.") from None
-    if result.get("train_config") != fingerprint:
-        raise ValueError(f"{path}: recorded with a different training configuration than this sweep's; "
-                         "use another --out or delete the file to recompute it.")  # fmt: skip
-    if result.get("inputs") != inputs:
-        raise ValueError(f"{path}: recorded with another base model or other training data than this sweep's; "
-                         "use another --out or delete the file to recompute it.")  # fmt: skip
-    return result
-
-
 def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: float | None = None,
               steps: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """Train, score and route every (setting, seed) not already saved under ``out/results``; write
@@ -140,7 +90,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
         return dict(evaluate(model, tokenizer, samples, preset.eval_batch_size, preset.max_new_tokens, progress=False).main)
 
     meta["base_scores"] = score(base)
-    inputs = _inputs(weights_sha256(base), data.train_files[scale])
+    inputs = inputs_digest(weights_sha256(base), data.train_files[scale])
     done: dict[tuple[str, int], dict[str, Any]] = {}
     start = time.time()
     for seed in seeds:
@@ -148,7 +98,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
             plan = Plan(point.preset, out / "work" / point.key, [seed], [scale], [point.method], steps)
             cfg = train_config(plan, point.method, scale, seed, data, n_steps)
             path = out / RESULTS_DIR / f"{point.key}_seed{seed}.json"
-            result = _load_done(path, _fingerprint(cfg), inputs)
+            result = load_done(path, fingerprint(cfg), inputs)
             if result is not None:
                 log(f"{point.label}, seed {seed}: done earlier ({path})")
             else:
@@ -163,8 +113,8 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
                           "scores": scores, "knowledge_share": shares, "trainable_params": trained.trainable_params,
                           "train_seconds": trained.train_seconds, "wall_seconds": time.time() - t0,
                           "steps": trained.steps, "final_lm_loss": trained.metrics.get("lm_loss"),
-                          "train_config": _fingerprint(cfg), "inputs": inputs}  # fmt: skip
-                _write_json_atomic(path, result)
+                          "train_config": fingerprint(cfg), "inputs": inputs}  # fmt: skip
+                write_json_atomic(path, result)
             done[(point.key, seed)] = result
             summary = summarise(meta, points, done)
             write_outputs(summary, out)
@@ -285,7 +235,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 def write_outputs(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     paths = {"json": out / "sweep.json", "markdown": out / "sweep.md", "figure": out / "sweep.png"}
-    _write_json_atomic(paths["json"], summary)
+    write_json_atomic(paths["json"], summary)
     paths["markdown"].write_text(to_markdown(summary))
     plot(summary, paths["figure"])
     return paths
