@@ -370,3 +370,17 @@ def test_gradient_checkpointing_and_bf16_keep_the_gradient(tiny_llama_dir, short
     assert first[1]["lm_loss"] == pytest.approx(first[0]["lm_loss"], rel=2e-2)  # same batch, same start
     assert first[1]["lm_loss"] != first[0]["lm_loss"]  # ... computed in bf16
     assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "c").values())
+
+
+def test_saving_an_adapter_never_asks_the_hub(tiny_llama_dir, short_data, tmp_path, monkeypatch):
+    """A base recorded by a Hub id (here a made-up one): PEFT's "auto" embedding check would query the Hub."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("save_pretrained asked the Hub whether the base has a config.json")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_network)
+    cfg = make_cfg(tiny_llama_dir, short_data, tmp_path / "r", max_steps=2, save_every=1)
+    cfg.model = "some-org/not-a-local-dir"
+    result = train(cfg, model=load_base_model(tiny_llama_dir), tokenizer=load_tokenizer(tiny_llama_dir))
+    saved = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "some-org/not-a-local-dir"

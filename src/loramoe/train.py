@@ -297,7 +297,7 @@ class Checkpointer:
                 torch.save(rng, tmp / f"rng_state_{rank}.pt")
             _write_json(tmp / "trainer_state.json", state)
             if hasattr(unwrapped, "peft_config"):  # a ready-to-load adapter, for evaluating checkpoints
-                unwrapped.save_pretrained(tmp / "adapter", state_dict=weights)
+                _save_model(unwrapped, tmp / "adapter", weights)
             _fsync_dir(tmp)
             os.replace(tmp, final)
             for old in checkpoint_dirs(self.root.parent)[: -self.keep_last]:
@@ -407,6 +407,16 @@ def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCo
     if cfg.method == "loramoe":
         metrics["eval_blc_loss"] = (sums[2] / sums[3]).item()
     return metrics
+
+
+def _save_model(model: Any, path: Path, weights: dict[str, torch.Tensor]) -> None:
+    """``save_pretrained`` with the trainable tensors only. An adapter never resizes the vocabulary, so PEFT
+    is told not to look for the base model's config to check that: for a base named by a Hub id (or our
+    ``smollm2`` shorthand) its "auto" check is a network request."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(path, state_dict=weights, save_embedding_layers=False)
+    else:
+        model.save_pretrained(path, state_dict=weights)
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -641,7 +651,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         final = acc.unwrap_model(model)
         weights = _final_weights(acc, model, final, sharded)
         if acc.is_main_process:
-            final.save_pretrained(out, state_dict=weights)  # adapter_model.safetensors (+ config) or the full model
+            _save_model(final, out, weights)  # adapter_model.safetensors (+ config) or the full model
             tokenizer.save_pretrained(out)
         acc.wait_for_everyone()
         tokens_per_s = run_tokens / train_seconds if train_seconds else 0.0
