@@ -255,9 +255,15 @@ def greedy_generate(
         step = next_ids.masked_fill(torch.tensor(done, device=device), pad_id).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=step, attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True, **_kv_cache(out))
     return new
+
+
+def _kv_cache(out: Any) -> dict[str, Any]:
+    """The KV cache to pass on, under the name the installed transformers uses: 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and is to go in 5.40)."""
+    cache = getattr(out, "cache", None)
+    return {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
