@@ -30,7 +30,7 @@ from ..data import encode_record
 from .tasks import (
     COLORS,
     FAMILIES,
-        MAX_WORDS,
+    MAX_WORDS,
     NEGATIVE,
     NOUNS,
     OBJECTS,
