@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import toy_pretrain_config
-from loramoe.reproduce import sweep
+from loramoe.reproduce import pipeline, sweep
 from loramoe.reproduce.pipeline import Plan, train_config
 from loramoe.reproduce.presets import tiny_preset
 from loramoe.reproduce.tasks import FAMILIES
@@ -27,9 +27,9 @@ def toy_preset(toy_base):
 
 @pytest.fixture
 def counted_train(monkeypatch):
-    """sweep.train wrapped: counts calls; ``fail_at`` = the call number that raises (an interrupted sweep)."""
+    """The sweep's training (pipeline.train) wrapped: counts calls; ``fail_at`` = the call number that raises (an interrupted sweep)."""
     state = {"calls": 0, "fail_at": None}
-    real = sweep.train
+    real = pipeline.train
 
     def wrapped(cfg, **kwargs):
         state["calls"] += 1
@@ -37,7 +37,7 @@ def counted_train(monkeypatch):
             raise KeyboardInterrupt
         return real(cfg, **kwargs)
 
-    monkeypatch.setattr(sweep, "train", wrapped)
+    monkeypatch.setattr(pipeline, "train", wrapped)
     monkeypatch.setitem(sweep.SWEEPS, "experts", ("experts N (K = N/2)", [{"num_experts": 2}, {"num_experts": 4}]))
     return state
 

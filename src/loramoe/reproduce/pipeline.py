@@ -212,6 +212,32 @@ def _fmt(seconds: float) -> str:
 EVAL_UNITS = 20  # an evaluation costs about as much as this many training steps (for the time estimate only)
 
 
+def scorer(preset: Preset, tokenizer: Any, samples: list) -> Callable[[Any], dict[str, float]]:
+    """model -> its main score per task on ``samples``, decoded as ``preset`` says."""
+
+    def score(model: Any) -> dict[str, float]:
+        report = evaluate(model, tokenizer, samples, preset.eval_batch_size, preset.max_new_tokens, progress=False)
+        return dict(report.main)
+
+    return score
+
+
+def train_and_measure(cfg: TrainConfig, base: Any, tokenizer: Any, score: Callable[[Any], dict[str, float]],
+                      route_on: list | None, eval_batch_size: int) -> tuple[dict[str, Any], Any]:  # fmt: skip
+    """Fine-tune a copy of ``base`` with ``cfg`` and measure it: scores, size, time, final loss, ``cfg``'s
+    fingerprint (what a rerun matches against) and, given ``route_on``, the knowledge-expert share per dataset.
+    Returns (that record, the routing profile or None)."""
+    result = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
+    record = {"scores": score(result.model), "trainable_params": result.trainable_params,
+              "train_seconds": result.train_seconds, "steps": result.steps,
+              "final_lm_loss": result.metrics.get("lm_loss"), "train_config": fingerprint(cfg)}  # fmt: skip
+    profile = None
+    if route_on is not None:
+        profile = routing_profile(result.model, tokenizer, route_on, eval_batch_size, progress=False)
+        record["knowledge_share"] = {name: profile.knowledge_share(name) for name in profile.datasets}
+    return record, profile
+
+
 def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Do every (method, scale, seed) run of ``plan``; return the raw results that `report.summarise` reads."""
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -227,10 +253,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     progress = Progress(units, log)
     log(f"data: {data.counts}; steps per scale: {steps}")
 
-    def score(model: Any) -> dict[str, float]:
-        report = evaluate(model, tokenizer, samples, plan.preset.eval_batch_size, plan.preset.max_new_tokens, progress=False)
-        return dict(report.main)
-
+    score = scorer(plan.preset, tokenizer, samples)
     inputs = inputs_digest(weights_sha256(base), [*data.test_files, data.valid_file])
     runs: list[dict[str, Any]] = []
 
@@ -265,18 +288,13 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
                     finish(run, path)
                     continue
                 progress.stage(f"{method}: data x{scale:g}, seed {seed}, {steps[scale]} steps")
-                result = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
-                progress.advance(steps[scale])
-                run = {"method": method, "scale": scale, "seed": seed, "scores": score(result.model),
-                       "trainable_params": result.trainable_params, "train_seconds": result.train_seconds,
-                       "steps": result.steps, "final_lm_loss": result.metrics.get("lm_loss"),
-                       "train_config": fingerprint(cfg), "inputs": run_inputs}  # fmt: skip
-                if method in plan.routing_methods and scale == max(plan.scales):
-                    profile = routing_profile(result.model, tokenizer, test, plan.preset.eval_batch_size, progress=False)
-                    run["knowledge_share"] = {name: profile.knowledge_share(name) for name in profile.datasets}
-                    if seed == plan.seeds[0]:
-                        profile.save(plan.out / "routing" / method)
-                progress.advance(EVAL_UNITS)
+                routed = method in plan.routing_methods and scale == max(plan.scales)
+                measured, profile = train_and_measure(cfg, base, tokenizer, score, test if routed else None,
+                                                      plan.preset.eval_batch_size)  # fmt: skip
+                run = {"method": method, "scale": scale, "seed": seed, **measured, "inputs": run_inputs}
+                if profile is not None and seed == plan.seeds[0]:
+                    profile.save(plan.out / "routing" / method)
+                progress.advance(steps[scale] + EVAL_UNITS)
                 finish(run, path)
     progress.stage("done")
     return {"preset": plan.preset.name, "seeds": plan.seeds, "scales": plan.scales, "runs": runs,

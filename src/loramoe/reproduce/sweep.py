@@ -9,7 +9,6 @@ Training, evaluation and routing statistics are the library's (`loramoe.train`, 
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -21,10 +20,18 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..evaluate import evaluate, load_tasks
-from ..routing import routing_profile
-from ..train import train
-from .pipeline import RESULTS_DIR, Plan, Preset, build_data, planned_steps, train_config, with_overrides
+from ..evaluate import load_tasks
+from .pipeline import (
+    RESULTS_DIR,
+    Plan,
+    Preset,
+    build_data,
+    planned_steps,
+    scorer,
+    train_and_measure,
+    train_config,
+    with_overrides,
+)  # fmt: skip
 from .store import fingerprint, inputs_digest, load_done, weights_sha256, write_json_atomic
 from .tasks import KNOWLEDGE_TASK
 
@@ -86,9 +93,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
     meta = {"sweep": sweep, "varies": SWEEPS[sweep][0], "preset": preset.name, "seeds": seeds, "scale": scale,
             "steps": n_steps, "data": data.counts, "downstream_tasks": downstream}  # fmt: skip
 
-    def score(model: Any) -> dict[str, float]:
-        return dict(evaluate(model, tokenizer, samples, preset.eval_batch_size, preset.max_new_tokens, progress=False).main)
-
+    score = scorer(preset, tokenizer, samples)
     meta["base_scores"] = score(base)
     inputs = inputs_digest(weights_sha256(base), data.train_files[scale])
     done: dict[tuple[str, int], dict[str, Any]] = {}
@@ -105,15 +110,9 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
                 log(f"{point.label}, seed {seed}: training {point.method}, {n_steps} steps "
                     f"[{time.time() - start:.0f} s into this sweep]")  # fmt: skip
                 t0 = time.time()
-                trained = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
-                scores = score(trained.model)
-                profile = routing_profile(trained.model, tokenizer, test, preset.eval_batch_size, progress=False)
-                shares = {name: profile.knowledge_share(name) for name in profile.datasets}
+                measured, _ = train_and_measure(cfg, base, tokenizer, score, test, preset.eval_batch_size)
                 result = {"setting": point.label, "changes": point.changes, "method": point.method, "seed": seed,
-                          "scores": scores, "knowledge_share": shares, "trainable_params": trained.trainable_params,
-                          "train_seconds": trained.train_seconds, "wall_seconds": time.time() - t0,
-                          "steps": trained.steps, "final_lm_loss": trained.metrics.get("lm_loss"),
-                          "train_config": fingerprint(cfg), "inputs": inputs}  # fmt: skip
+                          **measured, "wall_seconds": time.time() - t0, "inputs": inputs}  # fmt: skip
                 write_json_atomic(path, result)
             done[(point.key, seed)] = result
             summary = summarise(meta, points, done)
