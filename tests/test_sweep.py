@@ -99,7 +99,8 @@ def test_lbc_sweep_turns_the_lbc_off_at_beta_zero(toy_preset, tmp_path):
                                          "beta=0.1, delta=0.3"]  # fmt: skip
     assert [p.method for p in points] == ["loramoe", "loramoe_lbc", "loramoe_lbc", "loramoe_lbc"]
     data = type("D", (), {"train_files": {2: []}})()
-    cfgs = [train_config(Plan(p.preset, tmp_path, [0], [2], [p.method]), p.method, 2, 0, data, 1) for p in points]
+    cfgs = [train_config(Plan(p.preset, tmp_path, [0], [2], [p.method]), p.method, 2, p.preset.lr_adapter, 0, data, 1)
+            for p in points]
     assert [(c.blc_weight, c.blc_alpha) for c in cfgs] == [(0.0, 0.0), (0.1, 0.1), (0.3, 0.1), (0.1, 0.3)]
     assert [p.key for p in sweep.settings("rank", toy_preset)] == ["r2", "r4", "r8", "r16"]
     with pytest.raises(ValueError, match="Unknown sweep 'depth'"):
@@ -109,7 +110,7 @@ def test_lbc_sweep_turns_the_lbc_off_at_beta_zero(toy_preset, tmp_path):
 def test_summary_numbers_by_hand():
     def run(seed, wk, a, b, share_wk, share_a, share_b):
         return {"seed": seed, "scores": {"world_knowledge": wk, "a": a, "b": b}, "trainable_params": 7,
-                "knowledge_share": {"world_knowledge": share_wk, "a": share_a, "b": share_b},
+                "knowledge_share": {"world_knowledge_in_format": share_wk, "a": share_a, "b": share_b},
                 "train_seconds": 1.0, "wall_seconds": 2.0 + seed}  # fmt: skip
 
     point = sweep.Setting("N=2", {"num_experts": 2}, None, "loramoe_lbc")

@@ -6,15 +6,30 @@ import argparse
 import json
 from pathlib import Path
 
-from .pipeline import METHODS, Plan, run_experiment
+from .pipeline import ADAPTER_METHODS, METHODS, Plan, run_experiment, with_overrides
 from .presets import PRESETS, TINY_BASE, smollm2_preset, tiny_preset
 from .report import summarise, to_markdown, write_report
 from .sweep import SWEEPS, run_sweep
 
 # Preset fields a user may override from the command line (the rest is the preset's design).
-OVERRIDES = {"downstream_per_family": int, "test_per_family": int, "epochs": float, "batch_size": int,
-             "lr_full": float, "lr_adapter": float, "num_experts": int, "r": int, "lora_alpha": float,
-             "lbc_beta": float, "lbc_delta": float, "threads": int}  # fmt: skip
+OVERRIDES = {"downstream_per_family": int, "test_per_family": int, "valid_per_family": int, "epochs": float,
+             "batch_size": int, "lr_full": float, "lr_adapter": float, "decisive_seeds": int, "num_experts": int,
+             "r": int, "lora_alpha": float, "lbc_beta": float, "lbc_delta": float, "threads": int}  # fmt: skip
+
+
+def _lr_grid_entry(text: str) -> tuple[str, tuple[float, ...]]:
+    """``METHOD=LR[,LR...]``, e.g. ``sft=1e-5,3e-5,1e-4``."""
+    method, sep, values = text.partition("=")
+    if not sep or method not in METHODS or METHODS[method] is None:
+        trained = [m for m in METHODS if METHODS[m] is not None]
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD=LR[,LR...] with METHOD one of {trained}")
+    try:
+        lrs = tuple(sorted({float(v) for v in values.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: learning rates must be numbers, e.g. sft=1e-5,3e-5") from None
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected learning rates > 0")
+    return method, lrs
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +47,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "at the largest scale (writes OUT/sweep_NAME; resumes finished settings)")
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="adapter targets for lora/loramoe (default: the preset's; FFN linears unless set)")
+    parser.add_argument("--lr-grid", nargs="+", type=_lr_grid_entry, default=None, metavar="METHOD=LR[,LR...]",
+                        help="learning rates per method: the frontier's grid (default: the preset's; --lr-full / "
+                             "--lr-adapter set a single lr instead)")
+    parser.add_argument("--knowledge-test", type=Path, default=None, metavar="FILE",
+                        help='extra closed-book test, JSON lines {"question", "answers": [...]}: never trained on, '
+                             "scored format-free and in-format for every method")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="override the preset's value")
 
@@ -43,11 +64,18 @@ def run(args: argparse.Namespace) -> int:
     if args.target_modules:
         changes["target_modules"] = tuple(args.target_modules)
     preset = tiny_preset(args.base, **changes) if args.preset == "tiny" else smollm2_preset(**changes)
+    preset = with_overrides(preset, lr_grid=lr_grid(preset.lr_grid, args))
     scales = sorted(args.scales) if args.scales else list(preset.scales)
     if args.sweep:
+        unused = [flag for flag, value in (("--lr-grid", args.lr_grid), ("--knowledge-test", args.knowledge_test),
+                                           ("--decisive-seeds", args.decisive_seeds)) if value is not None]  # fmt: skip
+        if unused:
+            raise ValueError(f"{unused[0]}: not used by --sweep (a sweep trains at --lr-adapter on the preset's own "
+                             "test sets; expected the comparison, without --sweep)")  # fmt: skip
         run_sweep(args.sweep, preset, args.out / f"sweep_{args.sweep}", list(range(args.seeds)), max(scales), args.steps)
         return 0
-    plan = Plan(preset, args.out, list(range(args.seeds)), scales, args.methods, args.steps)
+    plan = Plan(preset, args.out, list(range(args.seeds)), scales, args.methods, args.steps,
+                knowledge_test=args.knowledge_test)
     raw = run_experiment(plan)
     (args.out / "raw_results.json").write_text(json.dumps(raw, indent=1) + "\n")
     report = summarise(raw)
@@ -55,3 +83,15 @@ def run(args: argparse.Namespace) -> int:
     print(to_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def lr_grid(grid: dict[str, tuple[float, ...]], args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
+    """The preset's grid, where --lr-full / --lr-adapter replace it by one lr and --lr-grid entries replace it."""
+    grid = dict(grid)
+    if args.lr_full is not None:
+        grid.pop("sft", None)
+    if args.lr_adapter is not None:
+        for method in ADAPTER_METHODS:
+            grid.pop(method, None)
+    grid.update(dict(args.lr_grid or []))
+    return grid

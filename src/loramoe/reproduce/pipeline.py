@@ -1,6 +1,11 @@
-"""The paper's experiment in miniature: fine-tune one base model with every method on the same instruction
-data at several data scales, and measure world knowledge (closed-book QA on facts never fine-tuned on),
-downstream skill and, for LoRAMoE, where the router sends each dataset.
+"""The paper's experiment: fine-tune one base model with every method on the same instruction data at several
+data scales and learning rates, and measure world knowledge (closed-book QA on facts never fine-tuned on, in two
+formats), downstream skill and, for LoRAMoE, where the router sends each dataset.
+
+The runs come in two stages. The *grid*: every method at every data scale and learning rate of its grid, with the
+plan's seeds; it traces each method's knowledge-skill frontier. The *decisive setting*: at the largest scale each
+method keeps the lr chosen on validation data (`choose_lrs`), and that point gets the extra seeds that the paired
+bootstrap needs. Test questions never choose anything.
 
 Training, evaluation and routing statistics are the library's own (`loramoe.train`, `loramoe.evaluate`,
 `loramoe.routing`); this module only builds the data, schedules the runs and collects the numbers.
@@ -12,6 +17,8 @@ import copy
 import json
 import math
 import random
+import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,17 +27,25 @@ from typing import Any
 
 import torch
 
-from ..evaluate import evaluate, load_tasks
+from ..evaluate import EvalSample, evaluate, load_tasks, normalize_answer
 from ..routing import routing_profile
 from ..train import TrainConfig, train
+from .knowledge import answer_logprobs, load_probe
 from .store import fingerprint, inputs_digest, load_done, weights_sha256, write_json_atomic
 from .tasks import FAMILIES, KNOWLEDGE_TASK, Sample, generate
 from .world import World
 
 # method name -> TrainConfig.method; "base" is the untouched base model; LoRAMoE runs with and without the LBC
 METHODS: dict[str, str | None] = {"base": None, "sft": "full", "lora": "lora", "loramoe": "loramoe", "loramoe_lbc": "loramoe"}
-VALID_TASK = KNOWLEDGE_TASK + "_valid"
+ADAPTER_METHODS = ("lora", "loramoe", "loramoe_lbc")
+# Knowledge tasks. The headline is format-free (a plain completion); in-format asks as the fine-tuning data does.
+IN_FORMAT = "_in_format"
+KNOWLEDGE_IN_FORMAT = KNOWLEDGE_TASK + IN_FORMAT
+EXTRA_TASK = "knowledge_test"  # a user's own closed-book questions (--knowledge-test), scored in both formats
+VALID = "_valid"  # suffix of a validation task: facts or downstream samples for choosing lrs, never the test's
+VALID_TASK = KNOWLEDGE_TASK + VALID
 RESULTS_DIR = "results"  # one JSON file per finished run: what a rerun with the same --out reuses
+ROUTING_LIMIT = 50  # samples per task for the routing statistics (a forward pass each; the mean settles by then)
 
 
 @dataclass
@@ -42,13 +57,18 @@ class Preset:
     load: Callable[[], tuple[Any, Any]]  # -> (base model, tokenizer)
     knowledge: Callable[[], dict[str, list[Sample]]]  # {"train", "valid", "test"} closed-book QA samples
     world: Callable[[], World]  # source of made-up names and values for the reading-comprehension family
+    format_free: Callable[[Sample], str]  # a knowledge question as a plain completion: no chat template, no instruction
     scales: tuple[float, ...] = (1, 2, 4, 8)
     downstream_per_family: int = 50  # at scale 1
     test_per_family: int = 100
+    valid_per_family: int = 20  # downstream validation samples (for choosing lrs)
     epochs: float = 3.0
     batch_size: int = 16
     lr_full: float = 1e-3
     lr_adapter: float = 2e-3
+    # method -> its learning rates (the frontier's grid); a method not listed trains at lr_full / lr_adapter only
+    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    decisive_seeds: int = 1  # seeds 0..n-1 at the decisive setting (largest scale, lr chosen on validation data)
     num_experts: int = 6
     r: int = 4
     lora_alpha: float = 32.0
@@ -65,10 +85,17 @@ class Preset:
     # processes with 2+ spinning OpenMP threads each were 10x slower per step than with 1 (measured). None: torch's.
     threads: int | None = 1
 
+    def lrs(self, method: str) -> tuple[float, ...]:
+        """The learning rates ``method`` trains at."""
+        if method in self.lr_grid:
+            return tuple(self.lr_grid[method])
+        return (self.lr_full if method == "sft" else self.lr_adapter,)
+
 
 @dataclass
 class Plan:
-    """Which runs to do; ``steps`` fixes the optimizer steps of every run (default: ``preset.epochs``)."""
+    """Which runs to do: every (seed, scale, method, lr of the method's grid); ``steps`` fixes the optimizer steps
+    of every run (default: ``preset.epochs`` passes); ``knowledge_test`` is an extra closed-book test file."""
 
     preset: Preset
     out: Path
@@ -77,6 +104,7 @@ class Plan:
     methods: list[str]
     steps: int | None = None
     routing_methods: tuple[str, ...] = ("loramoe", "loramoe_lbc")
+    knowledge_test: Path | None = None
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -115,6 +143,10 @@ def eval_record(sample: Sample, preset: Preset, tokenizer: Any, task: str | None
     return {**record, "type": "generate", "answers": [sample.output, *sample.aliases]}
 
 
+def format_free_record(sample: Sample, preset: Preset, task: str) -> dict:
+    return {"task": task, "type": "generate", "prompt": preset.format_free(sample), "answers": [sample.output, *sample.aliases]}
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -126,22 +158,36 @@ class ExperimentData:
     """Files of one experiment: training files per scale and the evaluation task files."""
 
     train_files: dict[float, list[Path]]
-    test_files: list[Path]  # world knowledge (test facts) + one file per downstream family
-    valid_file: Path  # world knowledge on validation facts: for choosing hyperparameters, never the test facts
+    test_files: list[Path]  # knowledge on test facts (format-free, in-format; the extra test too) + downstream tests
+    valid_files: list[Path]  # validation facts (format-free) + downstream validation: for choosing lrs, never the test
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def build_data(preset: Preset, scales: list[float], out: Path, tokenizer: Any, seed: int = 0) -> ExperimentData:
-    """Write the instruction data (knowledge QA on training facts + downstream samples x scale) and the test sets.
+def check_never_trained_on(questions: list[Sample], trained: list[Sample], source: Path) -> None:
+    """An extra knowledge test must not ask what the fine-tuning data teaches (normalised question text)."""
+    taught = {normalize_answer(s.input) for s in trained}
+    overlap = [s.input for s in questions if normalize_answer(s.input) in taught]
+    if overlap:
+        raise ValueError(f"{source}: {len(overlap)} question(s) are in the fine-tuning data, e.g. {overlap[:3]} "
+                         "(expected facts that are never trained on)")  # fmt: skip
 
-    Downstream training samples never repeat a test input; the data at scale s is a prefix of the data at any
-    larger scale, so scales differ only by how much downstream data is added.
+
+def build_data(preset: Preset, scales: list[float], out: Path, tokenizer: Any, seed: int = 0,
+               knowledge_test: list[Sample] | None = None) -> ExperimentData:  # fmt: skip
+    """Write the instruction data (knowledge QA on training facts + downstream samples x scale) and the test and
+    validation sets.
+
+    Downstream training samples never repeat a test or validation input; the data at scale s is a prefix of the
+    data at any larger scale, so scales differ only by how much downstream data is added. ``knowledge_test``
+    (questions never trained on: checked by the caller) is scored in both formats.
     """
     world = preset.world()
     knowledge = preset.knowledge()
     tests = {fam: generate(fam, preset.test_per_family, seed + 1000, world) for fam in preset.families}
+    valids = {fam: generate(fam, preset.valid_per_family, seed + 2000, world, exclude=tests[fam]) for fam in preset.families}
     biggest = {
-        fam: generate(fam, math.ceil(preset.downstream_per_family * max(scales)), seed, world, exclude=tests[fam])
+        fam: generate(fam, math.ceil(preset.downstream_per_family * max(scales)), seed, world,
+                      exclude=tests[fam] + valids[fam])  # fmt: skip
         for fam in preset.families
     }
     files = {}
@@ -154,27 +200,39 @@ def build_data(preset: Preset, scales: list[float], out: Path, tokenizer: Any, s
         d_path = _write_jsonl(out / "data" / f"downstream_x{scale:g}.jsonl", [train_record(s, preset) for s in mixed])
         files[scale] = [k_path, d_path]
         counts[f"downstream_x{scale:g}"] = len(mixed)
-    test_files = [_write_jsonl(out / "tasks" / f"{KNOWLEDGE_TASK}.jsonl",
-                               [eval_record(s, preset, tokenizer) for s in knowledge["test"]])]  # fmt: skip
-    test_files += [
-        _write_jsonl(out / "tasks" / f"{fam}.jsonl", [eval_record(s, preset, tokenizer) for s in tests[fam]])
-        for fam in preset.families
-    ]
-    valid = _write_jsonl(out / "tasks" / f"{VALID_TASK}.jsonl",
-                         [eval_record(s, preset, tokenizer, VALID_TASK) for s in knowledge["valid"]])  # fmt: skip
+
+    def task_file(name: str, records: list[dict]) -> Path:
+        return _write_jsonl(out / "tasks" / f"{name}.jsonl", records)
+
+    def both_formats(name: str, samples: list[Sample]) -> list[Path]:
+        return [task_file(name, [format_free_record(s, preset, name) for s in samples]),
+                task_file(name + IN_FORMAT, [eval_record(s, preset, tokenizer, name + IN_FORMAT) for s in samples])]  # fmt: skip
+
+    test_files = both_formats(KNOWLEDGE_TASK, knowledge["test"])
+    if knowledge_test:
+        test_files += both_formats(EXTRA_TASK, knowledge_test)
+        counts[EXTRA_TASK] = len(knowledge_test)
+    test_files += [task_file(fam, [eval_record(s, preset, tokenizer) for s in tests[fam]]) for fam in preset.families]
+    valid_files = [task_file(VALID_TASK, [format_free_record(s, preset, VALID_TASK) for s in knowledge["valid"]])]
+    valid_files += [task_file(fam + VALID, [eval_record(s, preset, tokenizer, fam + VALID) for s in valids[fam]])
+                    for fam in preset.families]  # fmt: skip
     counts.update(knowledge_test=len(knowledge["test"]), knowledge_valid=len(knowledge["valid"]))
-    return ExperimentData(files, test_files, valid, counts)
+    return ExperimentData(files, test_files, valid_files, counts)
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------
 
 
-def train_config(plan: Plan, method: str, scale: float, seed: int, data: ExperimentData, steps: int) -> TrainConfig:
+def run_name(method: str, scale: float, lr: float, seed: int) -> str:
+    return f"{method}_x{scale:g}_lr{lr:g}_seed{seed}"
+
+
+def train_config(plan: Plan, method: str, scale: float, lr: float, seed: int, data: ExperimentData, steps: int) -> TrainConfig:
     p = plan.preset
     return TrainConfig(
         model=p.model_ref, data=[str(f) for f in data.train_files[scale]], method=METHODS[method],
-        output_dir=str(plan.out / "runs" / f"{method}_x{scale:g}_seed{seed}"),
-        lr=p.lr_full if method == "sft" else p.lr_adapter, batch_size=p.batch_size, max_steps=steps, seed=seed,
+        output_dir=str(plan.out / "runs" / run_name(method, scale, lr, seed)),
+        lr=lr, batch_size=p.batch_size, max_steps=steps, seed=seed,
         num_experts=p.num_experts, r=p.r, lora_alpha=p.lora_alpha, max_seq_len=p.max_seq_len,
         blc_weight=p.lbc_beta if method == "loramoe_lbc" else 0.0, blc_alpha=p.lbc_delta,
         target_modules=list(p.target_modules) if p.target_modules else None,
@@ -212,23 +270,36 @@ def _fmt(seconds: float) -> str:
 EVAL_UNITS = 20  # an evaluation costs about as much as this many training steps (for the time estimate only)
 
 
-def scorer(preset: Preset, tokenizer: Any, samples: list) -> Callable[[Any], dict[str, float]]:
-    """model -> its main score per task on ``samples``, decoded as ``preset`` says."""
+def knowledge_tasks(samples: list[EvalSample]) -> list[str]:
+    """The knowledge tasks among ``samples`` (test and validation, both formats), whose per-question results the
+    bootstrap and the log-probability comparison need."""
+    return sorted({s.task for s in samples if s.task.startswith((KNOWLEDGE_TASK, EXTRA_TASK))})
 
-    def score(model: Any) -> dict[str, float]:
+
+def scorer(preset: Preset, tokenizer: Any, samples: list[EvalSample]) -> Callable[[Any], dict[str, Any]]:
+    """model -> its measurements on ``samples``, decoded as ``preset`` says: ``scores`` (main metric per task),
+    ``per_question`` (exact match per knowledge question, in file order) and ``answer_logprob`` (mean log-prob per
+    token of the gold answer after the format-free prompt, per question)."""
+    per_question = knowledge_tasks(samples)
+    format_free = [t for t in per_question if not t.endswith(IN_FORMAT)]
+
+    def score(model: Any) -> dict[str, Any]:
         report = evaluate(model, tokenizer, samples, preset.eval_batch_size, preset.max_new_tokens, progress=False)
-        return dict(report.main)
+        found = {t: [p["exact_match"] for p in report.predictions if p["task"] == t] for t in per_question}
+        logprobs = {t: answer_logprobs(model, tokenizer, [s for s in samples if s.task == t], preset.eval_batch_size)
+                    for t in format_free}  # fmt: skip
+        return {"scores": dict(report.main), "per_question": found, "answer_logprob": logprobs}
 
     return score
 
 
-def train_and_measure(cfg: TrainConfig, base: Any, tokenizer: Any, score: Callable[[Any], dict[str, float]],
+def train_and_measure(cfg: TrainConfig, base: Any, tokenizer: Any, score: Callable[[Any], dict[str, Any]],
                       route_on: list | None, eval_batch_size: int) -> tuple[dict[str, Any], Any]:  # fmt: skip
     """Fine-tune a copy of ``base`` with ``cfg`` and measure it: scores, size, time, final loss, ``cfg``'s
     fingerprint (what a rerun matches against) and, given ``route_on``, the knowledge-expert share per dataset.
     Returns (that record, the routing profile or None)."""
     result = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
-    record = {"scores": score(result.model), "trainable_params": result.trainable_params,
+    record = {**score(result.model), "trainable_params": result.trainable_params,
               "train_seconds": result.train_seconds, "steps": result.steps,
               "final_lm_loss": result.metrics.get("lm_loss"), "train_config": fingerprint(cfg)}  # fmt: skip
     profile = None
@@ -238,23 +309,60 @@ def train_and_measure(cfg: TrainConfig, base: Any, tokenizer: Any, score: Callab
     return record, profile
 
 
+def downstream_valid_mean(run: dict[str, Any], families: list[str]) -> float:
+    return statistics.fmean(run["scores"][fam + VALID] for fam in families)
+
+
+def choose_lrs(runs: list[dict[str, Any]], scale: float, families: list[str]) -> dict[str, Any]:
+    """The decisive setting, chosen on validation data only (validation facts, validation downstream samples).
+
+    The matched level is the highest validation downstream mean that every method reaches at ``scale`` (over its
+    lrs, each averaged over seeds); each method then keeps, among its lrs that reach the level, the one with the
+    most validation knowledge (ties: the smaller lr). Returns ``{"level": L, "lr": {method: lr}}``.
+    """
+    by_point: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for r in runs:
+        if r["method"] != "base" and r["scale"] == scale:
+            by_point.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
+    skill = {m: {lr: statistics.fmean(downstream_valid_mean(r, families) for r in rs) for lr, rs in lrs.items()}
+             for m, lrs in by_point.items()}  # fmt: skip
+    knowledge = {m: {lr: statistics.fmean(r["scores"][VALID_TASK] for r in rs) for lr, rs in lrs.items()}
+                 for m, lrs in by_point.items()}  # fmt: skip
+    level = min(max(s.values()) for s in skill.values())
+    chosen = {m: max((lr for lr in sorted(skill[m]) if skill[m][lr] >= level), key=lambda lr, m=m: (knowledge[m][lr], -lr))
+              for m in skill}  # fmt: skip
+    return {"level": level, "lr": chosen}
+
+
 def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Do every (method, scale, seed) run of ``plan``; return the raw results that `report.summarise` reads."""
+    """Do every run of ``plan`` (the grid, then the decisive setting's extra seeds); return the raw results that
+    `report.summarise` reads."""
+    p = plan.preset
     plan.out.mkdir(parents=True, exist_ok=True)
-    if plan.preset.threads:
-        torch.set_num_threads(plan.preset.threads)
-    base, tokenizer = plan.preset.load()
-    data = build_data(plan.preset, plan.scales, plan.out, tokenizer)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    base, tokenizer = p.load()
+    extra = None
+    if plan.knowledge_test is not None:
+        extra = load_probe(plan.knowledge_test)
+        check_never_trained_on(extra, p.knowledge()["train"] + list(p.knowledge_shots), plan.knowledge_test)
+    data = build_data(p, plan.scales, plan.out, tokenizer, knowledge_test=extra)
     steps = planned_steps(plan, data)
     test = load_tasks(data.test_files)
-    samples = test + load_tasks([data.valid_file])
+    samples = test + load_tasks(data.valid_files)
+    route_on = load_tasks(data.test_files, limit=ROUTING_LIMIT)
     trained = [m for m in plan.methods if METHODS[m] is not None]
-    units = len(plan.seeds) * len(trained) * sum(steps[s] + EVAL_UNITS for s in plan.scales) + EVAL_UNITS
+    largest = max(plan.scales)
+    decisive_seeds = [s for s in range(max(p.decisive_seeds, 1)) if s not in plan.seeds]
+    grid = [(seed, scale, m, lr) for seed in plan.seeds for scale in plan.scales for m in trained for lr in p.lrs(m)]
+    units = (sum(steps[scale] + EVAL_UNITS for _, scale, _, _ in grid) + EVAL_UNITS
+             + len(decisive_seeds) * len(trained) * (steps[largest] + EVAL_UNITS))  # fmt: skip
     progress = Progress(units, log)
-    log(f"data: {data.counts}; steps per scale: {steps}")
+    log(f"data: {data.counts}; steps per scale: {steps}; {len(grid)} grid runs + "
+        f"{len(decisive_seeds) * len(trained)} at the decisive setting")  # fmt: skip
 
-    score = scorer(plan.preset, tokenizer, samples)
-    inputs = inputs_digest(weights_sha256(base), [*data.test_files, data.valid_file])
+    score = scorer(p, tokenizer, samples)
+    inputs = inputs_digest(weights_sha256(base), [*data.test_files, *data.valid_files])
     runs: list[dict[str, Any]] = []
 
     def finish(run: dict[str, Any], path: Path) -> None:
@@ -264,42 +372,56 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
 
     if "base" in plan.methods:
         path = plan.out / RESULTS_DIR / "base.json"
-        base_config = {"method": "base", "model": plan.preset.model_ref}
+        base_config = {"method": "base", "model": p.model_ref}
         run = load_done(path, base_config, inputs)
         if run is None:
             progress.stage("evaluating the base model")
-            run = {"method": "base", "scale": None, "seed": None, "scores": score(base), "trainable_params": 0,
+            run = {"method": "base", "scale": None, "lr": None, "seed": None, **score(base), "trainable_params": 0,
                    "train_seconds": 0.0, "steps": 0, "train_config": base_config, "inputs": inputs}  # fmt: skip
         else:
             log(f"base: done earlier ({path})")
         progress.advance(EVAL_UNITS)
         finish(run, path)
-    for seed in plan.seeds:
-        for scale in plan.scales:
-            for method in trained:
-                cfg = train_config(plan, method, scale, seed, data, steps[scale])
-                path = plan.out / RESULTS_DIR / f"{method}_x{scale:g}_seed{seed}.json"
-                run_inputs = inputs_digest(inputs["base_weights_sha256"], [*data.train_files[scale], *data.test_files,
-                                                                           data.valid_file])  # fmt: skip
-                run = load_done(path, fingerprint(cfg), run_inputs)
-                if run is not None:
-                    log(f"{method}: data x{scale:g}, seed {seed}: done earlier ({path})")
-                    progress.total -= steps[scale] + EVAL_UNITS  # the time estimate counts work still to do
-                    finish(run, path)
-                    continue
-                progress.stage(f"{method}: data x{scale:g}, seed {seed}, {steps[scale]} steps")
-                routed = method in plan.routing_methods and scale == max(plan.scales)
-                measured, profile = train_and_measure(cfg, base, tokenizer, score, test if routed else None,
-                                                      plan.preset.eval_batch_size)  # fmt: skip
-                run = {"method": method, "scale": scale, "seed": seed, **measured, "inputs": run_inputs}
-                if profile is not None and seed == plan.seeds[0]:
-                    profile.save(plan.out / "routing" / method)
-                progress.advance(steps[scale] + EVAL_UNITS)
-                finish(run, path)
+
+    def do(seed: int, scale: float, method: str, lr: float) -> None:
+        cfg = train_config(plan, method, scale, lr, seed, data, steps[scale])
+        name = run_name(method, scale, lr, seed)
+        path = plan.out / RESULTS_DIR / f"{name}.json"
+        run_inputs = inputs_digest(inputs["base_weights_sha256"], [*data.train_files[scale], *data.test_files,
+                                                                   *data.valid_files])  # fmt: skip
+        run = load_done(path, fingerprint(cfg), run_inputs)
+        if run is not None:
+            log(f"{method}: data x{scale:g}, lr {lr:g}, seed {seed}: done earlier ({path})")
+            progress.total -= steps[scale] + EVAL_UNITS  # the time estimate counts work still to do
+            finish(run, path)
+            return
+        progress.stage(f"{method}: data x{scale:g}, lr {lr:g}, seed {seed}, {steps[scale]} steps")
+        routed = method in plan.routing_methods and scale == largest
+        measured, profile = train_and_measure(cfg, base, tokenizer, score, route_on if routed else None, p.eval_batch_size)
+        run = {"method": method, "scale": scale, "lr": lr, "seed": seed, **measured, "inputs": run_inputs}
+        if profile is not None:
+            profile.save(plan.out / "routing" / name)
+        progress.advance(steps[scale] + EVAL_UNITS)
+        finish(run, path)
+
+    for point in grid:
+        do(*point)
+    decisive = choose_lrs(runs, largest, list(p.families)) if trained else {"level": None, "lr": {}}
+    log(f"decisive setting (chosen on validation data): x{largest:g}, lr {decisive['lr']}")
+    for seed in decisive_seeds:
+        for method in trained:
+            do(seed, largest, method, decisive["lr"][method])
+    for method in plan.routing_methods:  # the decisive run's routing profile is the one the report shows
+        source = plan.out / "routing" / run_name(method, largest, decisive["lr"].get(method, 0.0), min(plan.seeds))
+        if method in decisive["lr"] and source.is_dir():
+            shutil.copytree(source, plan.out / "routing" / method, dirs_exist_ok=True)
     progress.stage("done")
-    return {"preset": plan.preset.name, "seeds": plan.seeds, "scales": plan.scales, "runs": runs,
-            "data": data.counts, "steps": {f"{s:g}": n for s, n in steps.items()},
-            "downstream_tasks": list(plan.preset.families), "wall_seconds": time.time() - progress.start}  # fmt: skip
+    seeds = sorted({*plan.seeds, *decisive_seeds})
+    return {"preset": p.name, "seeds": plan.seeds, "scales": plan.scales, "runs": runs, "data": data.counts,
+            "steps": {f"{s:g}": n for s, n in steps.items()}, "downstream_tasks": list(p.families),
+            "lr_grid": {m: list(p.lrs(m)) for m in trained},
+            "decisive": {"scale": largest, "seeds": seeds if trained else [], **decisive},
+            "wall_seconds": time.time() - progress.start}  # fmt: skip
 
 
 def with_overrides(preset: Preset, **changes: Any) -> Preset:

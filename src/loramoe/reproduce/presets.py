@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
 
 from ..loading import load_base_model, load_tokenizer
+from .knowledge import load_probe, qa_completion, statement_completion
 from .pipeline import Preset
-from .tasks import KNOWLEDGE_TASK, Sample, knowledge_sample
+from .tasks import Sample, knowledge_sample
 from .world import World, make_world
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_BASE = ASSETS / "tiny_base"
 REAL_FACTS = ASSETS / "realworld_facts.jsonl"
-KNOWLEDGE_INSTRUCTION = "Answer the question."
 
 
 def base_world(base_dir: Path) -> World:
@@ -38,25 +39,9 @@ def tiny_preset(base_dir: Path = TINY_BASE, **changes) -> Preset:
     def load():
         return load_base_model(str(base_dir)), load_tokenizer(str(base_dir))
 
-    return Preset(name="tiny", model_ref=str(base_dir), load=load, knowledge=knowledge, world=lambda: base_world(base_dir), **changes)
-
-
-def load_probe(path: Path = REAL_FACTS) -> list[Sample]:
-    """Closed-book questions ``{"question", "answers": [first = canonical, then aliases], "category"}``."""
-    samples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            question, answers = record["question"], record["answers"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{number}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
-        if not (isinstance(question, str) and question and isinstance(answers, list) and answers
-                and all(isinstance(a, str) and a for a in answers)):  # fmt: skip
-            raise ValueError(f"{path}:{number}: 'question' must be a string and 'answers' a non-empty list of strings.")
-        samples.append(Sample(KNOWLEDGE_TASK, 1, KNOWLEDGE_INSTRUCTION, question, answers[0], aliases=tuple(answers[1:])))
-    return samples
+    completion = functools.cache(lambda: statement_completion(base_world(base_dir)))  # built on first use, once
+    return Preset(name="tiny", model_ref=str(base_dir), load=load, knowledge=knowledge, world=lambda: base_world(base_dir),
+                  format_free=lambda sample: completion()(sample), **changes)  # fmt: skip
 
 
 def split_probe(samples: list[Sample], seed: int = 0, shots: int = 3, fractions: tuple[float, float] = (0.5, 0.15)):
@@ -86,7 +71,7 @@ def smollm2_preset(probe: Path = REAL_FACTS, **changes) -> Preset:
         threads=None,
     )  # fmt: skip
     return Preset(name="smollm2", model_ref="smollm2", load=load, knowledge=lambda: splits, world=lambda: make_world(0),
-                  **{**settings, **changes})  # fmt: skip
+                  format_free=qa_completion(shots), **{**settings, **changes})  # fmt: skip
 
 
 PRESETS = {"tiny": tiny_preset, "smollm2": smollm2_preset}

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from ..evaluate import load_tasks
 from .pipeline import (
+    KNOWLEDGE_IN_FORMAT,
     RESULTS_DIR,
     Plan,
     Preset,
@@ -88,20 +89,20 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
     data = build_data(preset, [scale], out / "work", tokenizer)
     n_steps = planned_steps(Plan(preset, out, seeds, [scale], [], steps), data)[scale]
     test = load_tasks(data.test_files)
-    samples = test + load_tasks([data.valid_file])
+    samples = test + load_tasks(data.valid_files)
     downstream = list(preset.families)
     meta = {"sweep": sweep, "varies": SWEEPS[sweep][0], "preset": preset.name, "seeds": seeds, "scale": scale,
             "steps": n_steps, "data": data.counts, "downstream_tasks": downstream}  # fmt: skip
 
     score = scorer(preset, tokenizer, samples)
-    meta["base_scores"] = score(base)
+    meta["base_scores"] = score(base)["scores"]
     inputs = inputs_digest(weights_sha256(base), data.train_files[scale])
     done: dict[tuple[str, int], dict[str, Any]] = {}
     start = time.time()
     for seed in seeds:
         for point in points:
             plan = Plan(point.preset, out / "work" / point.key, [seed], [scale], [point.method], steps)
-            cfg = train_config(plan, point.method, scale, seed, data, n_steps)
+            cfg = train_config(plan, point.method, scale, point.preset.lr_adapter, seed, data, n_steps)
             path = out / RESULTS_DIR / f"{point.key}_seed{seed}.json"
             result = load_done(path, fingerprint(cfg), inputs)
             if result is not None:
@@ -138,7 +139,7 @@ def measures(run: dict[str, Any], downstream: list[str]) -> dict[str, float]:
     wk = run["scores"][KNOWLEDGE_TASK]
     ds = _mean([run["scores"][t] for t in downstream])
     shares = run["knowledge_share"]
-    gap = shares[KNOWLEDGE_TASK] - _mean([shares[t] for t in downstream])
+    gap = shares[KNOWLEDGE_IN_FORMAT] - _mean([shares[t] for t in downstream])
     return {"world_knowledge": wk, "downstream_mean": ds, "average": (wk + ds) / 2, "routing_gap": gap,
             "train_seconds": run["train_seconds"], "wall_seconds": run["wall_seconds"]}  # fmt: skip
 
