@@ -172,7 +172,7 @@ def test_smollm2_format_free_prompt_is_a_plain_completion_with_held_out_examples
 
     preset = smollm2_preset(downstream_per_family=2, test_per_family=2, valid_per_family=2)
     splits = preset.knowledge()
-    shots = preset.knowledge_shots
+    shots, _ = split_probe(load_probe(REAL_FACTS))
     questions = {s.input for split in splits.values() for s in split}
     assert len(shots) == 3 and not {s.input for s in shots} & questions  # the worked examples are in no split
     data = build_data(preset, [1], tmp_path, byte_tokenizer)
@@ -186,9 +186,7 @@ def test_smollm2_format_free_prompt_is_a_plain_completion_with_held_out_examples
         assert not [r for r in records[name] if any(m in r["prompt"] for m in chat_markers)]
     in_format = records["world_knowledge_in_format"][0]["prompt"]
     assert in_format == byte_tokenizer.apply_chat_template(
-        [m for s in shots for m in ({"role": "user", "content": f"Answer the question.\n{s.input}"},
-                                    {"role": "assistant", "content": s.output})]
-        + [{"role": "user", "content": f"Answer the question.\n{first.input}"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": f"Answer the question.\n{first.input}"}], tokenize=False, add_generation_prompt=True)
 
 
 def test_eval_prompt_matches_the_training_encoding(toy_base, tmp_path):
@@ -388,13 +386,16 @@ def test_smollm2_preset_at_toy_size(tmp_path):
 
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(REAL_FACTS.read_text().splitlines(keepends=True)[::22]))
-    preset = smollm2_preset(probe, downstream_per_family=2, test_per_family=2, batch_size=2, max_new_tokens=6,
-                            scales=(1,), threads=1)  # fmt: skip
+    preset = smollm2_preset(probe, downstream_per_family=2, test_per_family=2, valid_per_family=2, batch_size=2,
+                            max_new_tokens=6, scales=(1,), threads=1, lr_grid={}, decisive_seeds=1)  # fmt: skip
     plan = Plan(preset, tmp_path / "out", seeds=[0], scales=[1], methods=list(METHODS), steps=1)
     report = summarise(run_experiment(plan, log=lambda line: None))
     assert report["preset"] == "smollm2" and set(report["methods"]) == set(METHODS)
-    record = json.loads((tmp_path / "out" / "tasks" / "world_knowledge.jsonl").read_text().splitlines()[0])
-    assert record["prompt"].count("<|im_start|>user") == 4  # three worked examples, then the question
+    tasks_dir = tmp_path / "out" / "tasks"
+    in_format = json.loads((tasks_dir / "world_knowledge_in_format.jsonl").read_text().splitlines()[0])["prompt"]
+    format_free = json.loads((tasks_dir / "world_knowledge.jsonl").read_text().splitlines()[0])["prompt"]
+    assert in_format.count("<|im_start|>user") == 1 and "<|im_start|>" not in format_free
+    assert format_free.count("Question: ") == 4  # three worked examples, then the question
     assert report["methods"]["sft"]["trainable_params"] > 100_000_000
 
 

@@ -79,7 +79,6 @@ class Preset:
     eval_batch_size: int = 64
     max_new_tokens: int = 8
     chat: bool = False  # records in chat format (rendered with the tokenizer's chat template)
-    knowledge_shots: tuple[Sample, ...] = ()  # worked examples before every knowledge question (chat only)
     families: tuple[str, ...] = tuple(FAMILIES)
     # CPU threads for torch. A model this small gains nothing from more, and on a shared machine several busy
     # processes with 2+ spinning OpenMP threads each were 10x slower per step than with 1 (measured). None: torch's.
@@ -113,25 +112,18 @@ class Plan:
 def train_record(sample: Sample, preset: Preset) -> dict:
     if not preset.chat:
         return sample.train_record()
-    return {"messages": _messages(sample, preset) + [{"role": "assistant", "content": sample.output}],
-            "task_type": sample.task_type}  # fmt: skip
+    return {"messages": [_user_turn(sample), {"role": "assistant", "content": sample.output}], "task_type": sample.task_type}
 
 
-def _messages(sample: Sample, preset: Preset) -> list[dict[str, str]]:
-    shots = preset.knowledge_shots if sample.task_type == 1 else ()
-    turns = []
-    for s in (*shots, sample):
-        turns.append({"role": "user", "content": f"{s.instruction}\n{s.input}" if s.input else s.instruction})
-        if s is not sample:
-            turns.append({"role": "assistant", "content": s.output})
-    return turns
+def _user_turn(sample: Sample) -> dict[str, str]:
+    return {"role": "user", "content": f"{sample.instruction}\n{sample.input}" if sample.input else sample.instruction}
 
 
 def eval_prompt(sample: Sample, preset: Preset, tokenizer: Any) -> str:
     """The prompt exactly as fine-tuning presents it (SPEC.md's reference layout: instruction, "\\n" + input,
     then EOS; or the chat template's rendering up to the assistant's turn)."""
     if preset.chat:
-        return tokenizer.apply_chat_template(_messages(sample, preset), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template([_user_turn(sample)], tokenize=False, add_generation_prompt=True)
     body = f"{sample.instruction}\n{sample.input}" if sample.input else sample.instruction
     return body + tokenizer.eos_token
 
@@ -211,7 +203,7 @@ def build_data(preset: Preset, scales: list[float], out: Path, tokenizer: Any, s
     test_files = both_formats(KNOWLEDGE_TASK, knowledge["test"])
     if knowledge_test:
         test_files += both_formats(EXTRA_TASK, knowledge_test)
-        counts[EXTRA_TASK] = len(knowledge_test)
+        counts["knowledge_test_file"] = len(knowledge_test)
     test_files += [task_file(fam, [eval_record(s, preset, tokenizer) for s in tests[fam]]) for fam in preset.families]
     valid_files = [task_file(VALID_TASK, [format_free_record(s, preset, VALID_TASK) for s in knowledge["valid"]])]
     valid_files += [task_file(fam + VALID, [eval_record(s, preset, tokenizer, fam + VALID) for s in valids[fam]])
@@ -345,7 +337,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     extra = None
     if plan.knowledge_test is not None:
         extra = load_probe(plan.knowledge_test)
-        check_never_trained_on(extra, p.knowledge()["train"] + list(p.knowledge_shots), plan.knowledge_test)
+        check_never_trained_on(extra, p.knowledge()["train"], plan.knowledge_test)
     data = build_data(p, plan.scales, plan.out, tokenizer, knowledge_test=extra)
     steps = planned_steps(plan, data)
     test = load_tasks(data.test_files)
@@ -354,7 +346,9 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     trained = [m for m in plan.methods if METHODS[m] is not None]
     largest = max(plan.scales)
     decisive_seeds = [s for s in range(max(p.decisive_seeds, 1)) if s not in plan.seeds]
-    grid = [(seed, scale, m, lr) for seed in plan.seeds for scale in plan.scales for m in trained for lr in p.lrs(m)]
+    # largest scale first: a study stopped part-way already holds the points that decide the lrs
+    grid = [(seed, scale, m, lr) for seed in plan.seeds for scale in sorted(plan.scales, reverse=True)
+            for m in trained for lr in p.lrs(m)]  # fmt: skip
     units = (sum(steps[scale] + EVAL_UNITS for _, scale, _, _ in grid) + EVAL_UNITS
              + len(decisive_seeds) * len(trained) * (steps[largest] + EVAL_UNITS))  # fmt: skip
     progress = Progress(units, log)

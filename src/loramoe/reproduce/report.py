@@ -238,7 +238,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             + f" | {_pct(r['downstream_mean'], r['downstream_mean_std'])} | {r['train_seconds']:.0f} |"
         )  # fmt: skip
     if any("knowledge_test" in r for r in m.values()):
-        lines += ["", f"Extra knowledge test (`--knowledge-test`, {report['data'].get(EXTRA_TASK, '?')} questions "
+        lines += ["", f"Extra knowledge test (`--knowledge-test`, {report['data'].get('knowledge_test_file', '?')} questions "
                   "never trained on), %:", "", "| method | format-free | in-format |", "|---|---:|---:|"]  # fmt: skip
         lines += [f"| {name} | {_pct(r['knowledge_test']['format_free'])} | {_pct(r['knowledge_test']['in_format'])} |"
                   for name, r in m.items() if "knowledge_test" in r]  # fmt: skip
