@@ -417,3 +417,16 @@ def test_untouched_smollm2_knows_half_the_test_split_format_free(tmp_path):
     questions = load_tasks([f for f in data.test_files if f.stem == "world_knowledge"])
     report = evaluate(model, tokenizer, questions, batch_size=16, max_new_tokens=16, progress=False)
     assert len(questions) == 114 and report.main["world_knowledge"] >= 0.5
+
+
+def test_a_run_saved_before_a_setting_existed_matches_only_that_settings_default():
+    from loramoe.reproduce.store import same_config
+
+    saved = {"lr": 1e-3, "method": "lora"}
+    defaults = {"lr": 2e-4, "method": "loramoe", "new_setting": None}
+    assert same_config(saved, {"lr": 1e-3, "method": "lora"}, defaults)
+    assert same_config(saved, {"lr": 1e-3, "method": "lora", "new_setting": None}, defaults)
+    assert not same_config(saved, {"lr": 1e-3, "method": "lora", "new_setting": "nf4"}, defaults)  # not how it trained
+    assert not same_config(saved, {"lr": 2e-3, "method": "lora"}, defaults)
+    assert not same_config({**saved, "gone": 1}, {"lr": 1e-3, "method": "lora"}, defaults)
+    assert not same_config(saved, {"lr": 1e-3, "method": "lora", "unknown": 0}, defaults)

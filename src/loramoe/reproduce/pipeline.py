@@ -232,6 +232,12 @@ def train_config(plan: Plan, method: str, scale: float, lr: float, seed: int, da
     )  # fmt: skip
 
 
+def config_defaults() -> dict[str, Any]:
+    """TrainConfig's defaults, fingerprinted: what a setting that a saved run does not record was (see
+    `store.same_config`)."""
+    return fingerprint(TrainConfig())
+
+
 def planned_steps(plan: Plan, data: ExperimentData) -> dict[float, int]:
     """Optimizer steps per scale: ``plan.steps``, or ``epochs`` passes over that scale's data."""
     if plan.steps is not None:
@@ -383,7 +389,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
         path = plan.out / RESULTS_DIR / f"{name}.json"
         run_inputs = inputs_digest(inputs["base_weights_sha256"], [*data.train_files[scale], *data.test_files,
                                                                    *data.valid_files])  # fmt: skip
-        run = load_done(path, fingerprint(cfg), run_inputs)
+        run = load_done(path, fingerprint(cfg), run_inputs, config_defaults())
         if run is not None:
             log(f"{method}: data x{scale:g}, lr {lr:g}, seed {seed}: done earlier ({path})")
             progress.total -= steps[scale] + EVAL_UNITS  # the time estimate counts work still to do

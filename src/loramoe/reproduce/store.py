@@ -44,15 +44,26 @@ def inputs_digest(base_sha256: str, files: list[Path]) -> dict[str, Any]:
             "data_sha256": {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}}  # fmt: skip
 
 
-def load_done(path: Path, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved result at ``path`` if there is one; an error if it was made by another experiment."""
+def same_config(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether a saved configuration is the current one. A key the saved one lacks (a setting added to the library
+    after the run was saved) matches when the current value is that setting's default: the run was trained the
+    way the default trains, so a study saved by an older version still resumes."""
+    if set(saved) - set(current):
+        return False
+    return all(saved[k] == v if k in saved else k in defaults and defaults[k] == v for k, v in current.items())
+
+
+def load_done(path: Path, config: dict[str, Any], inputs: dict[str, Any],
+              defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """The saved result at ``path`` if there is one; an error if it was made by another experiment.
+    ``defaults``: the configuration's default values (see `same_config`)."""
     if not path.exists():
         return None
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it to recompute this run.") from None
-    if result.get("train_config") != config:
+    if not same_config(result.get("train_config") or {}, config, defaults or {}):
         raise ValueError(f"{path}: recorded with a different training configuration than this run's; "
                          "use another --out or delete the file to recompute it.")  # fmt: skip
     if result.get("inputs") != inputs:

@@ -27,6 +27,7 @@ from .pipeline import (
     Plan,
     Preset,
     build_data,
+    config_defaults,
     planned_steps,
     scorer,
     train_and_measure,
@@ -104,7 +105,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
             plan = Plan(point.preset, out / "work" / point.key, [seed], [scale], [point.method], steps)
             cfg = train_config(plan, point.method, scale, point.preset.lr_adapter, seed, data, n_steps)
             path = out / RESULTS_DIR / f"{point.key}_seed{seed}.json"
-            result = load_done(path, fingerprint(cfg), inputs)
+            result = load_done(path, fingerprint(cfg), inputs, config_defaults())
             if result is not None:
                 log(f"{point.label}, seed {seed}: done earlier ({path})")
             else:
