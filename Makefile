@@ -9,13 +9,19 @@ install:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]" torch==2.13.0
 
-test:
+# On a fresh clone `make test` installs first: with the default PY (the venv's), its pytest marks the install done.
+VENV := $(if $(filter .venv/bin/python,$(PY)),.venv/bin/pytest)
+
+.venv/bin/pytest:
+	$(MAKE) install
+
+test: $(VENV)
 	$(PY) -m pytest -q -n 2
 
-test-slow:
+test-slow: $(VENV)
 	$(PY) -m pytest -q -m slow
 
-lint:
+lint: $(VENV)
 	$(PY) -m ruff check .
 
 # The paper's experiment in miniature on the shipped base model (docs/reproduce.md); ~10 minutes on 2 CPU cores.

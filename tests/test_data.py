@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_truncation_is_counted_and_keeps_max_len(tmp_path, byte_tokenizer):
     data = load_instruction_data(path, byte_tokenizer, max_seq_len=40)
     assert len(data.samples[0].input_ids) == 40 and len(data.samples[0].labels) == 40
     assert data.report.truncated == 1
-    assert "1 truncated to 40 tokens" in data.report.summary()
+    assert "1 truncated at the end to fit 40 tokens" in data.report.summary()
 
 
 def test_mixing_weights_repeat_and_subsample(tmp_path, byte_tokenizer):
@@ -113,8 +114,10 @@ BAD_CASES = [  # (line content, expected message fragment)
     (json.dumps({"instruction": "a", "output": "b"}), "missing field 'task_type'"),
     (json.dumps(rec(task_type="poetry")), "unknown task_type 'poetry'"),
     (json.dumps(rec(task_type=2)), "unknown task_type 2"),
-    (json.dumps(rec(instruction="x" * 60)), "truncated away entirely"),
+    (json.dumps(rec(instruction="x" * 60)), "truncated away entirely"),  # only without fitting (fit_prompt=False)
     (json.dumps(rec(output=7)), "field 'output' must be a string"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "a"}],
+                 "task_type": 0}), "messages[0].role 'wizard' is not a chat role"),
     ("[1, 2]", "expected a JSON object"),
 ]
 
@@ -122,15 +125,15 @@ BAD_CASES = [  # (line content, expected message fragment)
 @pytest.mark.parametrize("line,message", BAD_CASES, ids=[m for _, m in BAD_CASES])
 def test_bad_record_names_file_and_line(tmp_path, byte_tokenizer, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [rec(), rec(), line, rec()])
-    with pytest.raises(DataError, match=message) as info:
-        load_instruction_data(path, byte_tokenizer, max_seq_len=48)
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        load_instruction_data(path, byte_tokenizer, max_seq_len=48, fit_prompt=False)
     assert str(info.value).startswith(f"{path}:3: ")
 
 
 def test_skip_bad_reports_every_skipped_record(tmp_path, byte_tokenizer):
     lines = [json.dumps(rec())] + [line for line, _ in BAD_CASES] + [json.dumps(rec(task_type=1))]
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
-    data = load_instruction_data(path, byte_tokenizer, max_seq_len=48, skip_bad=True)
+    data = load_instruction_data(path, byte_tokenizer, max_seq_len=48, skip_bad=True, fit_prompt=False)
     assert [s.task_type for s in data.samples] == [0, 1]
     skipped = data.report.skipped
     assert len(skipped) == len(BAD_CASES)
@@ -202,3 +205,82 @@ def test_dataset_and_collator_feed_a_dataloader(tmp_path, byte_tokenizer):
     batches = list(loader)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     assert torch.cat([b["task_types"] for b in batches]).tolist() == [0, 1, 0, 1, 0]
+
+
+# ---- fitting over-long samples ---------------------------------------------------------------------------------
+
+
+def test_fitting_cuts_the_prompt_middle_keeping_its_start_and_question(tmp_path, byte_tokenizer):
+    """Byte tokenizer (one token per byte, no BOS): prompt = instruction + EOS = 210 tokens, target "ok" + EOS =
+    3; at 64 tokens the prompt keeps 61 = its first 31 and its last 30 (29 bytes + EOS)."""
+    instruction = "HEAD " + "m" * 198 + " TAIL?"
+    assert len(instruction) == 209
+    path = write_jsonl(tmp_path / "long.jsonl", [rec(instruction, "", "ok", 1), rec()])
+    data = load_instruction_data(path, byte_tokenizer, max_seq_len=64)
+    sample = data.samples[0]
+    assert byte_tokenizer.decode(sample.input_ids) == instruction[:31] + instruction[-29:] + "</s>ok</s>"
+    assert sample.labels == [-100] * 61 + sample.input_ids[61:] and len(sample.input_ids) == 64
+    file = data.report.files[0]
+    assert (file.prompt_cut, file.prompt_tokens_cut, file.truncated) == (1, 210 - 61, 0)
+    assert file.task_types["knowledge"] == {"records": 1, "valid": 1, "used": 1, "skipped": 0, "prompt_cut": 1, "truncated": 0}
+    assert file.task_types["downstream"]["prompt_cut"] == 0
+    assert "1 prompts cut in the middle (149 tokens)" in data.report.summary()
+    # the strict behaviour, kept behind a flag: cut the end, and a response cut away entirely is a bad record
+    with pytest.raises(DataError, match=r"long\.jsonl:1: the response is truncated away entirely"):
+        load_instruction_data(path, byte_tokenizer, max_seq_len=64, fit_prompt=False)
+
+
+def test_a_long_response_keeps_half_the_length_for_the_prompt_then_is_cut_at_its_end(tmp_path, byte_tokenizer):
+    path = write_jsonl(tmp_path / "both.jsonl", [rec("p" * 99, "", "r" * 99, 0)])  # 100 prompt + 100 target tokens
+    (sample,) = load_instruction_data(path, byte_tokenizer, max_seq_len=64).samples
+    assert byte_tokenizer.decode(sample.input_ids) == "p" * 16 + "p" * 15 + "</s>" + "r" * 32  # prompt: 64 // 2
+    file = load_instruction_data(path, byte_tokenizer, max_seq_len=64).report.files[0]
+    assert (file.prompt_cut, file.prompt_tokens_cut, file.truncated) == (1, 68, 1)
+
+
+def test_chat_records_are_fitted_before_the_first_assistant_turn(tmp_path, byte_tokenizer):
+    messages = [{"role": "user", "content": "Q " + "x" * 300 + " why?"}, {"role": "assistant", "content": "because"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages, "task_type": 0}])
+    (sample,) = load_instruction_data(path, byte_tokenizer, max_seq_len=80).samples
+    prompt = byte_tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = byte_tokenizer(prompt, add_special_tokens=False)["input_ids"]  # "<s>", "</s>": one token each
+    target_ids = byte_tokenizer("because</s>\n", add_special_tokens=False)["input_ids"]
+    keep = 80 - len(target_ids)
+    head, tail = (keep + 1) // 2, keep // 2
+    assert sample.input_ids == prompt_ids[:head] + prompt_ids[-tail:] + target_ids
+    assert byte_tokenizer.decode(sample.input_ids).startswith("<s>user\nQ x") and "x why?</s>" in byte_tokenizer.decode(sample.input_ids)
+    assert target_text(byte_tokenizer, sample) == "because</s>\n"
+
+
+def test_per_type_mix_before_and_after_is_reported(tmp_path, byte_tokenizer):
+    records = [rec(task_type=1), rec(task_type=1), rec("x" * 60, task_type=0), rec(task_type=0), rec(task_type=0),
+               rec(task_type="poetry"), "{broken"]  # fmt: skip
+    path = write_jsonl(tmp_path / "mix.jsonl", records)
+    data = load_instruction_data([f"{path}:2"], byte_tokenizer, max_seq_len=48, skip_bad=True, fit_prompt=False)
+    types = data.report.to_dict()["task_types"]
+    assert types == {
+        "downstream": {"records": 3, "valid": 2, "used": 4, "skipped": 1, "prompt_cut": 0, "truncated": 0},
+        "invalid": {"records": 2, "valid": 0, "used": 0, "skipped": 2, "prompt_cut": 0, "truncated": 0},
+        "knowledge": {"records": 2, "valid": 2, "used": 4, "skipped": 0, "prompt_cut": 0, "truncated": 0},
+    }
+    assert data.report.to_dict()["files"][0]["task_types"] == types
+    mix = data.report.mix()  # records: 3 / 2 / 2 of 7; samples used (weight 2): 4 / 0 / 4 of 8
+    assert mix.startswith("downstream 3 (43%) -> 4 (50%) [1 skipped, 0 prompts cut, 0 truncated], invalid 2 (29%) -> 0 (0%)")
+    assert mix.endswith("knowledge 2 (29%) -> 4 (50%)") and mix in data.report.summary()
+
+
+def test_a_folder_as_data_is_named(tmp_path, byte_tokenizer):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: is a folder \(expected a JSON list"):
+        load_instruction_data(tmp_path, byte_tokenizer)
+
+
+@pytest.mark.parametrize("names,message", [
+    ({"0": 1}, "'0' is not a name"),
+    ({"knowledge": 0}, "'knowledge' is built in as 1"),
+    ({"cbqa": 2}, r"task_type_names\['cbqa'\]=2: not a task type"),
+    ({"nli": True}, r"task_type_names\['nli'\]=True: not a task type"),
+])  # fmt: skip
+def test_task_type_names_that_could_not_apply_are_refused(tmp_path, byte_tokenizer, names, message):
+    path = write_jsonl(tmp_path / "a.jsonl", [rec()])
+    with pytest.raises(ValueError, match=message):
+        load_instruction_data(path, byte_tokenizer, task_type_names=names)

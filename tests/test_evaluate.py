@@ -178,6 +178,20 @@ def test_choice_picks_highest_mean_logprob(word_tokenizer):
     assert report.mean == 0.5
 
 
+def test_a_choice_tie_goes_to_the_first_option(word_tokenizer):
+    """"yes" and "no" follow "?" with the same logit, so their scores are exactly equal: the first option wins,
+    whichever one is the answer."""
+    table = torch.zeros(len(W), len(W))
+    table[W["?"], W["yes"]] = table[W["?"], W["no"]] = 3.0
+    samples = [EvalSample(task="mc", type="choice", prompt="is the cat red ?", choices=["yes", "no"], answer=a)
+               for a in (0, 1)]  # fmt: skip
+    report = evaluate(bigram_llama(table), word_tokenizer, samples, batch_size=4, progress=False)
+    for p in report.predictions:
+        assert p["option_scores"][0] == p["option_scores"][1]  # a real tie
+        assert p["prediction"] == 0
+    assert [p["accuracy"] for p in report.predictions] == [1.0, 0.0]
+
+
 def test_choice_scores_do_not_depend_on_batching(word_tokenizer):
     model = _random_llama()
     samples = [EvalSample(task="mc", type="choice", prompt=p, choices=["yes", "no the cat", "one two"], answer=0)

@@ -48,9 +48,9 @@ def test_fused_equals_per_expert_loop_outputs_and_gradients(n):
     r = fused.r["default"]
     grad_A = fused.loramoe_A["default"].grad.view(n, r, -1)
     grad_B = fused.loramoe_B["default"].grad.view(-1, n, r).permute(1, 0, 2)
-    for i in range(n):
-        torch.testing.assert_close(grad_A[i], naive.A[i].grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(grad_B[i], naive.B[i].grad, atol=1e-5, rtol=1e-5)
+    for i in range(n):  # one GEMM vs a loop sums in another order: ~1.4e-5 apart on some CPUs (AMD EPYC)
+        torch.testing.assert_close(grad_A[i], naive.A[i].grad, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_B[i], naive.B[i].grad, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(fused.loramoe_router["default"].grad, naive.router.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
 

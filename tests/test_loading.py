@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import peft
 import pytest
 import torch
 
 import loramoe
 from conftest import tiny_model
-from loramoe.loading import load_base_model, load_model, smollm2_gguf_path
+from loramoe.loading import load_base_model, load_model, load_tokenizer, smollm2_gguf_path
 
 
 def test_load_base_and_adapter_from_directories(tmp_path, batch):
@@ -23,6 +25,36 @@ def test_load_base_and_adapter_from_directories(tmp_path, batch):
 def test_missing_base_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_base_model(str(tmp_path / "nowhere"))
+
+
+def test_locations_that_cannot_be_a_model_are_named_not_looked_up(tmp_path):
+    """Before: a missing path talked about connecting to the Hub, an empty folder about sentencepiece."""
+    missing = tmp_path / "nowhere"
+    for load in (load_tokenizer, load_base_model):
+        with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(missing))}: not found \(expected a Hugging Face") as info:
+            load(str(missing))
+        assert "hub" not in str(info.value).lower()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: the folder has no tokenizer\.json or tokenizer_config\.json"):
+        load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"empty: the folder has no config\.json"):
+        load_base_model(str(tmp_path / "empty"))
+    (tmp_path / "data.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match=r"data\.jsonl: is a file but not a \.gguf file"):
+        load_base_model(str(tmp_path / "data.jsonl"))
+    tiny_model("llama").config.save_pretrained(tmp_path / "no-weights")  # config.json only
+    with pytest.raises(ValueError, match=r"no-weights: the model does not load \("):
+        load_base_model(str(tmp_path / "no-weights"))
+
+
+def test_an_adapter_folder_without_its_weights_is_named(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    peft.get_peft_model(load_base_model(str(tmp_path / "base")), loramoe.LoraMoeConfig()).save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()  # before: LocalEntryNotFoundError
+    with pytest.raises(FileNotFoundError, match=r"a: no adapter_model\.safetensors \(the adapter's weights"):
+        load_model(str(tmp_path / "base"), str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match=r"base: no adapter_config\.json"):
+        load_model(str(tmp_path / "base"), str(tmp_path / "base"))
 
 
 @pytest.mark.slow

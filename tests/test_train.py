@@ -4,6 +4,7 @@ checkpoints, kill-and-resume equality, non-finite loss handling, config from YAM
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,8 +22,9 @@ from safetensors.torch import load_file
 
 import loramoe
 from loramoe import cli
-from loramoe.data import InstructionCollator, load_instruction_data
+from loramoe.data import DataError, InstructionCollator, load_instruction_data
 from loramoe.loading import load_base_model, load_model, load_tokenizer
+from loramoe.outputs import OutputDir
 from loramoe.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -214,7 +216,7 @@ def test_checkpoints_are_rotated_and_complete(tiny_llama_dir, short_data, tmp_pa
     assert [d.name for d in dirs] == ["checkpoint-3", "checkpoint-4"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     files = {p.name for p in dirs[-1].iterdir()}
-    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "trainer_state.json", "adapter"} <= files
+    assert {"trainable.safetensors", "optimizer.pt", "rng_state_0.pt", "trainer_state.json", "checksums.json", "adapter"} <= files
     assert json.loads((dirs[-1] / "trainer_state.json").read_text())["step"] == 4
     # an existing run is never overwritten by accident, and a changed setting refuses to resume
     with pytest.raises(FileExistsError, match="--resume"):
@@ -282,7 +284,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama_dir
         return output
 
     model.register_forward_hook(poison)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5.*last good checkpoint: .*checkpoint-4"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5.*last known-good checkpoint: .*checkpoint-4"):
         train(make_cfg(tiny_llama_dir, short_data, out, max_steps=8, save_every=2), model=model)
     assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-4"]
     good = load_file(str(checkpoint_dirs(out)[-1] / "trainable.safetensors"))
@@ -322,8 +324,8 @@ def test_cli_reports_bad_data_with_file_and_line(tiny_llama_dir, tmp_path, capsy
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b", "task_type": 1}\n{"instruction": "a", "task_type": 1}\n')
     code = cli.main(["train", "--model", str(tiny_llama_dir), "--data", str(bad), "--output-dir", str(tmp_path / "o")])
-    assert code == 1
-    assert f"{bad}:2: missing field 'output'" in capsys.readouterr().err
+    assert code == 2
+    assert capsys.readouterr().err == f"loramoe train: error: {bad}:2: missing field 'output' (a record needs 'instruction', 'output' and 'task_type')\n"
 
 
 # ---- a real model --------------------------------------------------------------------------------------------------
@@ -384,3 +386,288 @@ def test_saving_an_adapter_never_asks_the_hub(tiny_llama_dir, short_data, tmp_pa
     result = train(cfg, model=load_base_model(tiny_llama_dir), tokenizer=load_tokenizer(tiny_llama_dir))
     saved = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "some-org/not-a-local-dir"
+
+
+# ---- data order and logged numbers that no other test pins down ---------------------------------------------------
+
+
+def test_sample_stream_draws_a_new_permutation_each_epoch():
+    """The stream is one torch.randperm per epoch, seeded seed + epoch (the module docstring's data order)."""
+    from loramoe.train import SampleStream
+
+    stream = SampleStream(10, seed=3)
+    expected = [torch.randperm(10, generator=torch.Generator().manual_seed(3 + epoch)).tolist() for epoch in range(3)]
+    assert expected[0] != expected[1] != expected[2]
+    assert [stream[i] for i in range(30)] == expected[0] + expected[1] + expected[2]
+
+
+def test_logged_blc_loss_is_the_mean_over_accumulated_micro_batches(tiny_llama_dir, short_data, tmp_path, byte_tokenizer):
+    """One step of 2 micro-batches x 2 samples (the first 4 indices of torch.randperm(16, seed 0)): the logged LBC
+    is the mean of the two micro-batches' LBC, computed here on the (1e-12-lr, so unchanged) model."""
+    result = train(make_cfg(tiny_llama_dir, short_data, tmp_path / "r", max_steps=1, batch_size=2, grad_accum=2,
+                            lr=1e-12))  # fmt: skip
+    logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["blc_loss"]
+    data = load_instruction_data(short_data, byte_tokenizer, max_seq_len=64)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:4].tolist()
+    collate = InstructionCollator(byte_tokenizer.pad_token_id)
+    with torch.no_grad():
+        per_micro = [result.model(**collate([data[i] for i in order[k : k + 2]])).blc_loss.item() for k in (0, 2)]
+    assert per_micro[0] != pytest.approx(per_micro[1], rel=1e-3)
+    assert logged == pytest.approx((per_micro[0] + per_micro[1]) / 2, rel=1e-5)
+
+
+# ---- resume: changed settings, known-good and corrupt checkpoints, finished runs -------------------------------------
+
+
+def cosine(t: int, total: int) -> float:
+    """transformers' cosine schedule without warm-up, at scheduler step t (the lr optimizer step t + 1 uses)."""
+    return 0.5 * (1 + math.cos(math.pi * t / total))
+
+
+@pytest.fixture
+def lr_spy(monkeypatch) -> list[float]:
+    """The lr of the first parameter group at every AdamW step, as the optimizer applies it (leaving out the
+    lr-0 step torch's set_optimizer_state_dict takes to create the state it then loads)."""
+    lrs: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        if self.param_groups[0]["lr"] != 0.0:
+            lrs.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return lrs
+
+
+def test_resume_applies_a_changed_lr_from_the_resume_step(tiny_llama_dir, short_data, tmp_path, lr_spy, capsys):
+    out = tmp_path / "lr"
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, save_every=3, lr=1e-2))
+    result = train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, save_every=3, lr=1e-3, resume=True))
+    assert result.resumed_from == 3
+    expected = [1e-2 * cosine(t, 6) for t in range(6)] + [1e-3 * cosine(t, 6) for t in range(3, 6)]
+    assert lr_spy == pytest.approx(expected, rel=1e-9)
+    assert "resume: settings changed since checkpoint-3, applied from step 4: lr 0.01 -> 0.001" in capsys.readouterr().out
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [1, 2, 3, 3, 4, 5, 6]
+    assert events[3] == {"step": 3, "event": "resume", "checkpoint": str(checkpoint_dirs(out)[-1]), "changed": {"lr": [0.01, 0.001]}}
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["lr"] == 1e-3  # the config it now runs with
+    # settings that fix what a step means are refused, each one listed
+    with pytest.raises(ValueError, match=r"cannot resume: settings changed .*: r 2 -> 4, seed 0 -> 1 \(expected"):
+        train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, resume=True, seed=1, r=4))
+
+
+def test_the_non_finite_loss_advice_followed_literally_works(tiny_llama_dir, short_data, tmp_path, lr_spy, capsys):
+    """A NaN at step 5; then the same command with a lower --lr and --resume, as the message says."""
+    out = tmp_path / "nan"
+    flags = ["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out), "--num-experts",
+             "4", "--r", "2", "--lora-dropout", "0", "--max-seq-len", "64", "--batch-size", "4", "--max-steps", "8",
+             "--warmup-ratio", "0", "--seed", "0", "--save-every", "2", "--no-progress"]  # fmt: skip
+    model = load_base_model(str(tiny_llama_dir))
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) == 5:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    cfg = config_from_args(_parse(flags[1:] + ["--lr", "1e-2"]))
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, model=model)
+    assert "Lower --lr, check the data or --bf16, then --resume" in str(info.value)
+    assert cli.main(flags + ["--lr", "1e-3", "--resume"]) == 0
+    assert lr_spy == pytest.approx([1e-2 * cosine(t, 8) for t in range(4)] + [1e-3 * cosine(t, 8) for t in range(4, 8)])
+    assert "applied from step 5: lr 0.01 -> 0.001" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+
+
+def _parse(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return parser.parse_args(argv)
+
+
+def test_a_checkpoint_written_after_the_loss_jumped_is_not_known_good(tiny_llama_dir, short_data, tmp_path):
+    """Steps 7 and 8 have a finite loss x1000 (weights may already be going astray), step 9 a NaN: the run names
+    checkpoint-6 (not -8) as known good, keeps it despite keep_last=1, and --resume continues from it."""
+    out = tmp_path / "jump"
+    model = load_base_model(str(tiny_llama_dir))
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) in (7, 8):
+            output.loss = output.loss * 1000.0
+        if len(calls) == 9:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    settings = dict(max_steps=12, save_every=2, keep_last=1)
+    with pytest.raises(NonFiniteLossError, match=r"step 9.*last known-good checkpoint: \S*checkpoint-6 "):
+        train(make_cfg(tiny_llama_dir, short_data, out, **settings), model=model)
+    assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-6", "checkpoint-8"]
+    assert [json.loads((d / "trainer_state.json").read_text())["known_good"] for d in checkpoint_dirs(out)] == [True, False]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("unstable")] == [7, 8]
+    result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
+    assert result.resumed_from == 6
+    assert (out / "checkpoints" / "set-aside" / "checkpoint-8.unstable" / "trainable.safetensors").is_file()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["checksum", "no-checksums-file"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_intact_one(tiny_llama_dir, short_data, tmp_path, capsys, legacy):
+    out = tmp_path / "corrupt"
+    settings = dict(max_steps=6, save_every=2, keep_last=2)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    finished = adapter_tensors(out)
+    newest = checkpoint_dirs(out)[-1]
+    assert newest.name == "checkpoint-4"
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
+    if legacy:  # a checkpoint from before checksums: judged by whether it loads
+        (newest / "checksums.json").unlink()
+    capsys.readouterr()
+    result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
+    assert result.resumed_from == 2
+    printed = capsys.readouterr().out
+    assert f"warning: checkpoint {newest} is corrupt ({newest if legacy else weights}" in printed
+    assert "falling back to the next older one" in printed
+    assert (out / "checkpoints" / "set-aside" / "checkpoint-4.corrupt").is_dir()
+    assert max_diff(adapter_tensors(out), finished) <= 1e-6  # step 2 onwards is the same run again
+
+
+def test_resume_on_a_finished_run_without_checkpoints_is_refused(tiny_llama_dir, short_data, tmp_path):
+    out = tmp_path / "done"
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=2))
+    finished = adapter_tensors(out)
+    with pytest.raises(FileExistsError, match="finished and kept no checkpoint"):
+        train(make_cfg(tiny_llama_dir, short_data, out, max_steps=2, resume=True))
+    assert max_diff(adapter_tensors(out), finished) == 0.0
+
+
+# ---- the output folder: only loramoe's files are ever replaced ----------------------------------------------------
+
+
+def test_the_base_model_folder_is_never_an_output_folder(tiny_llama_dir, short_data, tmp_path):
+    weights = Path(tiny_llama_dir) / "model.safetensors"
+    before = weights.read_bytes()
+    for out in (tiny_llama_dir, Path(tiny_llama_dir) / "runs"):
+        with pytest.raises(FileExistsError, match=r"the folder of --model"):
+            train(make_cfg(tiny_llama_dir, short_data, out, method="full", overwrite=True, max_steps=1))
+    assert weights.read_bytes() == before and not (Path(tiny_llama_dir) / "runs").exists()
+
+
+def test_overwrite_replaces_only_what_loramoe_wrote(tiny_llama_dir, short_data, tmp_path):
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"theirs: holds files loramoe did not write \(notes\.txt\)"):
+        train(make_cfg(tiny_llama_dir, short_data, foreign, overwrite=True))
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+    out = tmp_path / "ours"
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=1, save_every=1))
+    (out / "notes.txt").write_text("mine")  # put beside the run afterwards
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=2, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not checkpoint_dirs(out)  # the earlier run's checkpoints went with it
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a new output that would replace a file loramoe did not write is refused; the trained files are kept aside
+    other = OutputDir(tmp_path / "other", "--out").create().path  # e.g. a folder `loramoe eval` wrote
+    (other / "README.md").write_text("their readme")
+    with pytest.raises(FileExistsError, match=r"README\.md: exists and was not written by loramoe"):
+        train(make_cfg(tiny_llama_dir, short_data, other, max_steps=2))
+    assert (other / "README.md").read_text() == "their readme"
+    assert (other / ".loramoe-staging" / "adapter_model.safetensors").is_file()
+
+
+def test_outputs_respect_the_umask(tiny_llama_dir, short_data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        train(make_cfg(tiny_llama_dir, short_data, tmp_path / "u", max_steps=2, save_every=1))
+    finally:
+        os.umask(old)
+    out = tmp_path / "u"
+    for path in [out / "adapter_model.safetensors", out / "adapter_config.json",
+                 checkpoint_dirs(out)[-1] / "trainable.safetensors"]:  # fmt: skip
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+    assert oct(checkpoint_dirs(out)[-1].stat().st_mode & 0o777) == oct(0o755)
+
+
+# ---- nothing dropped or ignored without a word ------------------------------------------------------------------
+
+
+def test_records_skipped_from_the_eval_file_are_reported(tiny_llama_dir, short_data, tmp_path, capsys):
+    bad_eval = tmp_path / "eval.jsonl"
+    bad_eval.write_text(Path(short_data).read_text() + '{"instruction": "a", "task_type": 1}\n')
+    out = tmp_path / "e"
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=1, eval_file=str(bad_eval), skip_bad=True))
+    assert "eval data: 16 samples from 17 records in 1 file(s)" in capsys.readouterr().out
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["eval"]["files"][0]["skipped"] == [f"{bad_eval}:17: missing field 'output' (a record needs "
+                                                     "'instruction', 'output' and 'task_type')"]  # fmt: skip
+    assert report["eval"]["task_types"]["knowledge"]["skipped"] == 1  # its task type was readable
+    assert report["files"][0]["skipped"] == []
+
+
+def test_a_task_type_name_no_record_uses_is_refused(tiny_llama_dir, short_data, tmp_path):
+    with pytest.raises(ValueError, match=r"task_type_names: \['cbqa'\] name\(s\) no record's task_type"):
+        train(make_cfg(tiny_llama_dir, short_data, tmp_path / "n", task_type_names={"cbqa": 1}))
+    with pytest.raises(ValueError, match="'0' is not a name"):
+        make_cfg(tiny_llama_dir, short_data, tmp_path / "n", task_type_names={"0": 1})
+
+
+# ---- the reference code's data ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Two files shaped like the reference code's training data: JSON lists (indent 4) of {"instruction",
+    "input", "output", "task_type"}: reading-comprehension instructions with passages of up to ~8.6k characters
+    and the question last (downstream), and short closed-book questions (knowledge)."""
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "river", "city", "museum", "was", "built", "by", "a", "king", "in", "year", "of", "stone",
+             "bridge", "north", "old", "market", "their", "people", "trade", "route", "harbour", "tower"]
+    downstream = []
+    for i in range(24):
+        passage = " ".join(rng.choice(words) for _ in range(rng.choice([30, 150, 400, 900, 1500])))
+        downstream.append({"instruction": f"Read the passage, then answer the question.\nPassage: {passage}\n"
+                                          f"Question: which tower is number {i}?",
+                           "input": "" if i % 3 else f"(answer in two words, record {i})",
+                           "output": f"tower {i}", "task_type": 0})  # fmt: skip
+    knowledge = [{"instruction": f"What is the capital of land {i}?", "input": "", "output": f"city {i}", "task_type": 1}
+                 for i in range(8)]  # fmt: skip
+    root = tmp_path_factory.mktemp("reference_data")
+    for name, records in (("downstream.json", downstream), ("knowledge.json", knowledge)):
+        (root / name).write_text(json.dumps(records, indent=4))
+    return root / "downstream.json", root / "knowledge.json"
+
+
+def test_the_reference_codes_data_trains_under_default_flags(tiny_llama_dir, reference_data, tmp_path, capsys):
+    downstream, knowledge = reference_data
+    records = json.loads(downstream.read_text())
+    # byte tokenizer, no BOS: prompt (+ "\n" + input) + EOS, output + EOS; more than 1024 tokens must be cut
+    sizes = [len((r["instruction"] + ("\n" + r["input"] if r["input"] else "")).encode()) + len(r["output"].encode()) + 2
+             for r in records]  # fmt: skip
+    too_long = [i for i, n in enumerate(sizes) if n > 1024]
+    assert max(len(r["instruction"]) for r in records) > 8000 and 0 < len(too_long) < len(records)
+    out = tmp_path / "ref"
+    train(TrainConfig(model=str(tiny_llama_dir), data=[str(downstream), str(knowledge)], output_dir=str(out),
+                      max_steps=2, progress=False))  # fmt: skip
+    report = json.loads((out / "data_report.json").read_text())
+    per_file = [f["task_types"] for f in report["files"]]
+    assert per_file[0] == {"downstream": {"records": 24, "valid": 24, "used": 24, "skipped": 0,
+                                          "prompt_cut": len(too_long), "truncated": 0}}  # fmt: skip
+    assert per_file[1]["knowledge"]["prompt_cut"] == 0 and per_file[1]["knowledge"]["used"] == 8
+    assert report["files"][0]["prompt_tokens_cut"] == sum(sizes[i] - 1024 for i in too_long)
+    assert f"{len(too_long)} prompts cut in the middle" in capsys.readouterr().out
+    # the strict behaviour stops at the first over-long record (a JSON list written with indent 4: 6 lines each)
+    with pytest.raises(DataError, match=rf"downstream\.json:{2 + 6 * too_long[0]}: the response is truncated away"):
+        load_instruction_data(downstream, load_tokenizer(str(tiny_llama_dir)), max_seq_len=1024, fit_prompt=False)

@@ -1,10 +1,29 @@
 """`loramoe` command line: a thin shell over the Python API. Each command lives in its own module, which
-provides ``configure_parser(parser)`` and ``run(args) -> int``; only the chosen command's module is imported."""
+provides ``configure_parser(parser)`` and ``run(args) -> int``; only the chosen command's module is imported.
+
+Failures are one line on stderr, for every command (a new entry in `COMMANDS` gets this for free)::
+
+    loramoe <command>: error: <path or key>: <what is wrong> (<what was expected>)
+
+- exit 2, bad input: a command-line error (argparse), or an exception of the types in `BAD_INPUT`:
+  ``ValueError`` and its subclasses (``loramoe.data.DataError``, ``loramoe.evaluate.TaskFileError``, ...),
+  ``FileNotFoundError``, ``FileExistsError``, ``NotADirectoryError``, ``IsADirectoryError``,
+  ``PermissionError``. Code that rejects input raises one of these, with a message that *starts with the
+  path or key* at fault and says what was expected; the wrapper adds only the ``loramoe <command>: error:``
+  prefix (an OS error raised by Python itself is shown as ``<filename>: <reason>``).
+- exit 1, a run that stopped for a reason it states: ``loramoe.errors.RunStopped`` (e.g. a non-finite loss).
+- exit 1, anything else: a bug; the line names the exception type and asks for ``--debug``.
+- exit 130: interrupted (Ctrl-C).
+
+``--debug`` (accepted by every command) or the environment variable ``LORAMOE_DEBUG=1`` shows the traceback
+instead (the exception is re-raised).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -16,19 +35,72 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("loramoe.reproduce.cli", "the paper's experiment in miniature: forgetting under SFT, LoRAMoE's cure"),
 }
 
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def describe(error: BaseException) -> str:
+    """The error as one line: ``<filename>: <reason>`` for an OS error raised by Python, else its message."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        names = [str(error.filename)] + ([str(error.filename2)] if error.filename2 is not None else [])
+        text = f"{' -> '.join(names)}: {error.strerror}"
+    else:
+        text = str(error).strip() or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("LORAMOE_DEBUG", "").lower() in ("1", "true", "yes")
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     # PEFT 0.21 still calls a transformers API deprecated in 5.x; the warning is noise for CLI users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    parser = argparse.ArgumentParser(prog="loramoe", description="LoRAMoE adapters for Hugging Face causal LMs.")
+    parser = _OneLineParser(prog="loramoe", description="LoRAMoE adapters for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
-    if argv and argv[0] in COMMANDS:
-        module = importlib.import_module(COMMANDS[argv[0]][0])
-        module.configure_parser(subparsers[argv[0]])
-    args = parser.parse_args(argv)
-    return int(module.run(args) or 0)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    prog = f"loramoe {command}" if command else "loramoe"
+    debug = _debug(argv)
+    try:
+        if command:
+            module = importlib.import_module(COMMANDS[command][0])
+            module.configure_parser(subparsers[command])
+            subparsers[command].add_argument("--debug", action="store_true",
+                                             help="show the traceback of a failure (or set LORAMOE_DEBUG=1)")  # fmt: skip
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # a usage error (already printed as one line) or --help
+            return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+        vars(args).pop("debug", None)
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if debug:
+            raise
+        from .errors import RunStopped
+
+        if isinstance(e, BAD_INPUT):
+            print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if isinstance(e, RunStopped):
+            print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{prog}: error: internal error ({type(e).__name__}: {describe(e)}); rerun with --debug for the "
+              "traceback and report it", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ Two record formats, one per line of a JSON-lines file or one per element of a JS
 Labels are -100 on the prompt. ``task_type`` is 1 (world knowledge), 0 (downstream), -1 (untyped), or a name
 looked up in ``task_type_names``. Every problem names the file and line; with ``skip_bad`` the sample is
 skipped and listed in the report instead, never dropped silently.
+
+A sample longer than ``max_seq_len`` is *fitted* (``fit_prompt``, the default): its prompt (for chat records,
+everything before the first assistant turn) loses tokens from its middle, keeping its start (the instruction,
+BOS) and its end (the question, EOS), until the sample fits, but never below half of ``max_seq_len``; if that is
+not enough the sample is then cut at its end (the response's end is lost). Without ``fit_prompt`` a sample is
+only cut at its end, and a record whose response is cut away entirely is bad (the behaviour before fitting).
+Every cut is counted per file and per task type in the report, which also shows the task-type mix before
+(records read) and after (samples used).
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from .balance import DOWNSTREAM, KNOWLEDGE, UNTYPED
 
 IGNORE_INDEX = -100
 DEFAULT_TASK_TYPE_NAMES = {"knowledge": KNOWLEDGE, "downstream": DOWNSTREAM, "untyped": UNTYPED}
+TYPE_NAMES = {value: name for name, value in DEFAULT_TASK_TYPE_NAMES.items()}
+INVALID = "invalid"  # the report's name for records whose task type could not be read
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 
 DataSpec = str | Path | tuple[str | Path, float]
@@ -55,6 +66,9 @@ class Sample:
     source: str  # "file:line", for error messages and reports
 
 
+COUNTS = ("records", "valid", "used", "skipped", "prompt_cut", "truncated")
+
+
 @dataclass
 class FileReport:
     path: str
@@ -62,14 +76,23 @@ class FileReport:
     records: int = 0  # records read
     valid: int = 0  # records that became samples
     used: int = 0  # samples after applying the weight
-    truncated: int = 0  # valid samples cut to max_seq_len
+    prompt_cut: int = 0  # valid samples whose prompt was cut in the middle to fit max_seq_len
+    prompt_tokens_cut: int = 0  # tokens those cuts removed
+    truncated: int = 0  # valid samples cut at the end to max_seq_len (part of a response lost)
     skipped: list[str] = field(default_factory=list)  # "file:line: reason" (only with skip_bad)
+    task_types: dict[str, dict[str, int]] = field(default_factory=dict)  # type name -> the counts above
+
+    def count(self, task_type: str, key: str, n: int = 1) -> None:
+        counts = self.task_types.setdefault(task_type, dict.fromkeys(COUNTS, 0))
+        counts[key] += n
 
 
 @dataclass
 class DataReport:
     max_seq_len: int
+    fit_prompt: bool = True
     files: list[FileReport] = field(default_factory=list)
+    names_used: set[str] = field(default_factory=set)  # task_type names that records used
 
     @property
     def skipped(self) -> list[str]:
@@ -79,18 +102,48 @@ class DataReport:
     def truncated(self) -> int:
         return sum(f.truncated for f in self.files)
 
-    def summary(self) -> str:
+    @property
+    def prompt_cut(self) -> int:
+        return sum(f.prompt_cut for f in self.files)
+
+    def task_types(self) -> dict[str, dict[str, int]]:
+        """The per-type counts of all files together."""
+        total: dict[str, dict[str, int]] = {}
+        for f in self.files:
+            for name, counts in f.task_types.items():
+                mine = total.setdefault(name, dict.fromkeys(COUNTS, 0))
+                for key, n in counts.items():
+                    mine[key] += n
+        return dict(sorted(total.items()))
+
+    def mix(self) -> str:
+        """Task-type mix before (records read) and after (samples used), e.g. ``downstream 80% -> 76%``."""
+        types = self.task_types()
+        records = sum(c["records"] for c in types.values()) or 1
+        used = sum(c["used"] for c in types.values()) or 1
+        return ", ".join(
+            f"{name} {c['records']} ({100 * c['records'] / records:.0f}%) -> {c['used']} ({100 * c['used'] / used:.0f}%)"
+            + (f" [{c['skipped']} skipped, {c['prompt_cut']} prompts cut, {c['truncated']} truncated]"
+               if c["skipped"] or c["prompt_cut"] or c["truncated"] else "")
+            for name, c in types.items()
+        )  # fmt: skip
+
+    def summary(self, detail: bool = True) -> str:
         used = sum(f.used for f in self.files)
+        records = sum(f.records for f in self.files)
+        tokens = sum(f.prompt_tokens_cut for f in self.files)
         text = (
-            f"{used} samples from {len(self.files)} file(s); {self.truncated} truncated to {self.max_seq_len} "
-            f"tokens; {len(self.skipped)} skipped"
+            f"{used} samples from {records} records in {len(self.files)} file(s); {self.prompt_cut} prompts cut in "
+            f"the middle ({tokens} tokens) and {self.truncated} truncated at the end to fit {self.max_seq_len} "
+            f"tokens; {len(self.skipped)} skipped; task-type mix, records -> samples: {self.mix()}"
         )
-        if self.skipped:
+        if self.skipped and detail:
             text += ":\n  " + "\n  ".join(self.skipped[:10]) + ("\n  ..." if len(self.skipped) > 10 else "")
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_seq_len": self.max_seq_len, "files": [asdict(f) for f in self.files]}
+        return {"max_seq_len": self.max_seq_len, "fit_prompt": self.fit_prompt, "task_types": self.task_types(),
+                "files": [asdict(f) for f in self.files]}  # fmt: skip
 
 
 class InstructionDataset(torch.utils.data.Dataset):
@@ -152,12 +205,16 @@ def read_records(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[in
     unreadable one raises `DataError`, since nothing after the break can be located.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, None, "is a folder (expected a JSON list or JSON-lines file of instruction records)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(path, None, "file not found") from None
     except UnicodeDecodeError as e:
         raise DataError(path, None, f"not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise DataError(path, None, f"cannot be read ({e.strerror or e})") from None
     start = _JSON_WS.match(text).end()
     if start == len(text):
         raise DataError(path, 1, "file is empty (expected a JSON list or JSON lines of instruction records)")
@@ -216,6 +273,22 @@ class _BadRecord(Exception):
     """A record-level problem; turned into a DataError (or a skip) with file and line by the caller."""
 
 
+def check_task_type_names(names: dict[Any, Any]) -> None:
+    """Refuse a mapping that could not apply as written: a number as a name (records' numbers are the task
+    types themselves, so ``0=1`` would change nothing), a type other than 1/0/-1, a built-in name redefined."""
+    for name, value in names.items():
+        if not isinstance(name, str) or not name.strip() or re.fullmatch(r"\s*[+-]?\d+\s*", name):
+            raise ValueError(
+                f"task_type_names: {name!r} is not a name (1, 0 and -1 in a record are task types already; "
+                "expected NAME=TYPE with a word as NAME, e.g. cbqa=1)"
+            )
+        if isinstance(value, bool) or value not in (KNOWLEDGE, DOWNSTREAM, UNTYPED):
+            raise ValueError(f"task_type_names[{name!r}]={value!r}: not a task type (expected 1, 0 or -1)")
+        if DEFAULT_TASK_TYPE_NAMES.get(name, value) != value:
+            raise ValueError(f"task_type_names[{name!r}]={value!r}: {name!r} is built in as "
+                             f"{DEFAULT_TASK_TYPE_NAMES[name]} (expected another name)")  # fmt: skip
+
+
 def _task_type(record: dict, names: dict[str, int]) -> int:
     if "task_type" not in record:
         raise _BadRecord("missing field 'task_type' (1 world knowledge, 0 downstream, -1 untyped, or a name)")
@@ -262,6 +335,8 @@ def _encode_chat(record: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int],
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise _BadRecord(f"messages[{i}] must be an object with string fields 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise _BadRecord(f"messages[{i}].role {m['role']!r} is not a chat role (expected one of {list(CHAT_ROLES)})")
     if not any(m["role"] == "assistant" for m in messages):
         raise _BadRecord("'messages' has no assistant turn to train on")
 
@@ -285,20 +360,47 @@ def _encode_chat(record: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int],
     return ids, labels
 
 
+@dataclass
+class Cut:
+    """What fitting a sample to ``max_seq_len`` removed."""
+
+    prompt_tokens: int = 0  # tokens cut from the middle of the (first) prompt
+    truncated: bool = False  # the sample's end was cut off
+
+
+def fit_to_length(ids: list[int], labels: list[int], max_len: int, fit_prompt: bool = True) -> tuple[list[int], list[int], Cut]:
+    """Cut a tokenised sample to ``max_len`` tokens as the module docstring says."""
+    over, cut = len(ids) - max_len, Cut()
+    if over <= 0:
+        return ids, labels, cut
+    if fit_prompt:
+        prompt = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        keep = max(prompt - over, min(prompt, max_len // 2))
+        if keep < prompt:
+            head = (keep + 1) // 2
+            tail_start = prompt - (keep - head)
+            ids, labels = ids[:head] + ids[tail_start:], labels[:head] + labels[tail_start:]
+            cut.prompt_tokens = prompt - keep
+    if len(ids) > max_len:
+        ids, labels, cut.truncated = ids[:max_len], labels[:max_len], True
+    return ids, labels, cut
+
+
 def encode_record(
-    record: Any, tok: PreTrainedTokenizerBase, max_seq_len: int, task_type_names: dict[str, int]
-) -> tuple[Sample, bool]:
-    """``(sample, was_truncated)``; raises `_BadRecord` with the reason for a bad record."""
+    record: Any, tok: PreTrainedTokenizerBase, max_seq_len: int, task_type_names: dict[str, int],
+    fit_prompt: bool = True,
+) -> tuple[Sample, Cut]:  # fmt: skip
+    """``(sample, what fitting it to max_seq_len cut)``; raises `_BadRecord` with the reason for a bad record."""
     if not isinstance(record, dict):
         raise _BadRecord(f"expected a JSON object per record, got {type(record).__name__}")
     task_type = _task_type(record, task_type_names)
     ids, labels = _encode_chat(record, tok) if "messages" in record else _encode_reference(record, tok)
-    truncated = len(ids) > max_seq_len
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    ids, labels, cut = fit_to_length(ids, labels, max_seq_len, fit_prompt)
     # Position 0 predicts nothing (labels are shifted), so a sample needs a target token after it.
     if all(label == IGNORE_INDEX for label in labels[1:]):
-        raise _BadRecord(f"the response is truncated away entirely (max_seq_len={max_seq_len}; the prompt is longer)")
-    return Sample(ids, labels, task_type, ""), truncated
+        raise _BadRecord(f"the response is truncated away entirely (max_seq_len={max_seq_len}; the prompt is "
+                         "longer; without --no-fit-prompt the prompt would be cut to fit)")  # fmt: skip
+    return Sample(ids, labels, task_type, ""), cut
 
 
 def _weighted(samples: list[Sample], weight: float, rng: random.Random) -> list[Sample]:
@@ -325,6 +427,14 @@ def parse_data_spec(spec: DataSpec) -> tuple[Path, float]:
     return Path(path), weight
 
 
+def _type_name(record: Any, names: dict[str, int]) -> str:
+    """The report's name for a record's task type (``invalid`` when it has none that is known)."""
+    try:
+        return TYPE_NAMES[_task_type(record, names)] if isinstance(record, dict) else INVALID
+    except _BadRecord:
+        return INVALID
+
+
 def load_instruction_data(
     files: DataSpec | Iterable[DataSpec],
     tokenizer: PreTrainedTokenizerBase,
@@ -332,22 +442,22 @@ def load_instruction_data(
     task_type_names: dict[str, int] | None = None,
     skip_bad: bool = False,
     seed: int = 0,
+    fit_prompt: bool = True,
 ) -> InstructionDataset:
     """Read, validate, tokenise and mix instruction files.
 
     ``files``: paths or ``(path, weight)`` pairs; a weight w takes each file w times (2.0 = every sample twice,
     0.5 = a seeded half). ``task_type_names`` maps names to types, on top of knowledge/downstream/untyped.
     ``skip_bad``: skip bad records (listed in ``dataset.report``) instead of raising `DataError`.
+    ``fit_prompt``: fit over-long samples by cutting the prompt's middle (module docstring).
     """
     if isinstance(files, (str, Path, tuple)):
         files = [files]
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token; instruction targets end with EOS.")
+    check_task_type_names(task_type_names or {})
     names = {**DEFAULT_TASK_TYPE_NAMES, **(task_type_names or {})}
-    for name, value in names.items():
-        if value not in (KNOWLEDGE, DOWNSTREAM, UNTYPED):
-            raise ValueError(f"task_type_names[{name!r}]={value!r}: expected 1, 0 or -1.")
-    report = DataReport(max_seq_len=max_seq_len)
+    report = DataReport(max_seq_len=max_seq_len, fit_prompt=fit_prompt)
     samples: list[Sample] = []
     for index, spec in enumerate(files):
         path, weight = parse_data_spec(spec)
@@ -361,24 +471,40 @@ def load_instruction_data(
             file_report.skipped.append(str(e))
             continue
         file_report.records = len(records) + len(problems)  # parsed + unparsable lines
+        kinds = dict.fromkeys((line for line, _ in problems), INVALID)
         file_samples = []
         for line, record in records:
+            kinds[line] = _type_name(record, names)
+            if isinstance(record, dict) and isinstance(record.get("task_type"), str) and record["task_type"] in names:
+                report.names_used.add(record["task_type"])
             try:
-                sample, truncated = encode_record(record, tokenizer, max_seq_len, names)
+                sample, cut = encode_record(record, tokenizer, max_seq_len, names, fit_prompt)
             except _BadRecord as e:
                 problems.append((line, str(e)))
                 continue
             sample.source = f"{path}:{line}"
             file_samples.append(sample)
-            file_report.truncated += truncated
+            file_report.prompt_cut += bool(cut.prompt_tokens)
+            file_report.prompt_tokens_cut += cut.prompt_tokens
+            file_report.truncated += cut.truncated
+            file_report.count(kinds[line], "valid")
+            file_report.count(kinds[line], "prompt_cut", bool(cut.prompt_tokens))
+            file_report.count(kinds[line], "truncated", cut.truncated)
+        for kind in kinds.values():
+            file_report.count(kind, "records")
         for line, reason in sorted(problems):
             if not skip_bad:
                 raise DataError(path, line, reason)
             file_report.skipped.append(f"{path}:{line}: {reason}")
+            file_report.count(kinds[line], "skipped")
         file_report.valid = len(file_samples)
         used = _weighted(file_samples, weight, random.Random(seed * 1_000_003 + index))
         file_report.used = len(used)
+        for sample in used:
+            file_report.count(TYPE_NAMES[sample.task_type], "used")
         samples += used
     if not samples:
-        raise DataError(", ".join(f.path for f in report.files), None, "no usable samples\n" + report.summary())
+        first = f"; first: {report.skipped[0]}" if report.skipped else ""
+        raise DataError(", ".join(f.path for f in report.files), None,
+                        f"no usable samples ({len(report.skipped)} skipped{first})")  # fmt: skip
     return InstructionDataset(samples, report)

@@ -122,7 +122,7 @@ def load_tasks(paths: str | Path | Iterable[str | Path], limit: int | None = Non
     samples: list[EvalSample] = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise FileNotFoundError(f"Task file {path} not found.")
+            raise FileNotFoundError(f"{path}: {'is a folder' if path.is_dir() else 'not found'} (expected a JSON-lines task file)")
         before = len(samples)
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -460,14 +460,27 @@ def load_for_cli(args) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, load_tokenizer(args.tokenizer or args.base)
 
 
+def claim_out(args, names: tuple[str, ...]):
+    """The ``--out`` folder of `eval` / `routes`, checked (see `loramoe.outputs`): never the base model's folder."""
+    from .loading import model_folder
+    from .outputs import OutputDir
+
+    return OutputDir(args.out, "--out", {"--base": model_folder(args.base)}).claim(names)
+
+
+EVAL_FILES = ("eval.json", "eval.md", "predictions.jsonl")
+
+
 def run(args) -> int:
     stop = ["\n"] if args.stop is None else [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     samples = load_tasks(args.tasks, limit=args.limit)
+    out = claim_out(args, EVAL_FILES)
     model, tokenizer = load_for_cli(args)
     report = evaluate(model, tokenizer, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       stop=stop, progress=not args.no_progress)
     report.settings.update(base=args.base, adapter=args.adapter, tasks=[str(p) for p in args.tasks], limit=args.limit)
-    paths = report.save(args.out)
+    out.create().record(EVAL_FILES)
+    paths = report.save(out.path)
     print(report.to_markdown())
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['predictions']}")
     return 0

@@ -1,15 +1,19 @@
 """Load a base model (Hugging Face directory or GGUF file) and optionally an adapter, offline and without
-remote code: the one place the rest of the project gets models from."""
+remote code: the one place the rest of the project gets models from. A location that cannot be what it
+should be is refused up front with a message that names it (never a message about the Hub)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_EXPECTED = "expected a Hugging Face model folder, a .gguf file or 'smollm2'"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def smollm2_gguf_path() -> Path:
@@ -25,12 +29,42 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(smollm2_gguf_path()) if name_or_path == "smollm2" else name_or_path
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def model_folder(name_or_path: str) -> Path | None:
+    """The folder of a local base model (a .gguf file's folder): a place no output may go. None: not local."""
+    try:
+        path = Path(resolve_model_path(name_or_path))
+    except FileNotFoundError:  # `smollm2` without its package
+        return None
+    return (path.parent if path.is_file() else path) if path.exists() else None
+
+
+def local_model_path(name_or_path: str, needs: tuple[str, ...] = ("config.json",)) -> Path:
+    """The local file or folder ``name_or_path`` names; a folder must hold one of ``needs``."""
     path = Path(resolve_model_path(name_or_path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found ({MODEL_EXPECTED}; nothing is downloaded)")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{path}: is a file but not a .gguf file ({MODEL_EXPECTED})")
+    if path.is_dir() and not any((path / name).is_file() for name in needs):
+        raise FileNotFoundError(f"{path}: the folder has no {' or '.join(needs)} ({MODEL_EXPECTED})")
+    return path
+
+
+def _loads(path: Path, what: str, load: Any) -> Any:
+    """``load()``, with a failure to read ``path`` told as one line that names it."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"{path}: the {what} does not load ({reason})") from e
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    path = local_model_path(name_or_path, TOKENIZER_FILES)
     if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = _loads(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
     else:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = _loads(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(str(path)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -39,11 +73,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A plain (dequantised) causal LM. A GGUF file is dequantised by transformers and rebuilt without its
     ``quantization_config`` so that it behaves, trains and saves like any Hugging Face model."""
-    path = Path(resolve_model_path(name_or_path))
-    if not path.exists():
-        raise FileNotFoundError(f"Base model {path} not found (expected a Hugging Face model directory or a .gguf file).")
+    path = local_model_path(name_or_path)
     if path.suffix == ".gguf":
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        loaded = _loads(path, "model", lambda: AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype))
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -52,12 +84,29 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
         model.config.name_or_path = str(path)
         del loaded
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = _loads(path, "model", lambda: AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
     return model.eval()
+
+
+def check_adapter_dir(adapter: str | Path) -> Path:
+    """An adapter folder: ``adapter_config.json`` and its weights."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise (NotADirectoryError if path.exists() else FileNotFoundError)(
+            f"{path}: not a folder (expected an adapter folder: adapter_config.json + adapter_model.safetensors)")
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no adapter_config.json (expected an adapter folder written by "
+                                "save_pretrained, `loramoe train` or `loramoe import-official`)")  # fmt: skip
+    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(f"{path}: no adapter_model.safetensors (the adapter's weights; expected beside "
+                                "its adapter_config.json)")  # fmt: skip
+    return path
 
 
 def load_model(base: str, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Base model plus, if given, a PEFT adapter directory (LoRA or LoRAMoE; both load with PeftModel)."""
+    if adapter is not None:
+        check_adapter_dir(adapter)
     model = load_base_model(base, dtype)
     if adapter is None:
         return model
@@ -65,4 +114,4 @@ def load_model(base: str, adapter: str | None = None, dtype: torch.dtype = torch
 
     import loramoe  # noqa: F401  (registers the LoRAMoE PEFT method)
 
-    return PeftModel.from_pretrained(model, adapter).eval()
+    return _loads(Path(adapter), "adapter", lambda: PeftModel.from_pretrained(model, adapter)).eval()

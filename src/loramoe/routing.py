@@ -207,14 +207,19 @@ def configure_parser(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+ROUTING_FILES = ("routing.json", "routing.md", "routing_heatmap.png", "routing_bars.png")
+
+
 def run(args) -> int:
-    from .evaluate import load_for_cli
+    from .evaluate import claim_out, load_for_cli
 
     samples = load_tasks(args.tasks, limit=args.limit)
+    out = claim_out(args, ROUTING_FILES)
     model, tokenizer = load_for_cli(args)
     profile = routing_profile(model, tokenizer, samples, batch_size=args.batch_size,
                               include_answer=args.include_answer, progress=not args.no_progress)
-    paths = profile.save(args.out)
+    out.create().record(ROUTING_FILES)
+    paths = profile.save(out.path)
     print(profile.to_markdown())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

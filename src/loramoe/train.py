@@ -9,6 +9,16 @@ Python API::
 Data order is a pure function of the seed and the step: the sample stream is the concatenation of one seeded
 permutation per epoch, and optimizer step t on rank p reads a fixed slice of it. That is what makes resuming
 exact (no sampler state to save) and makes N processes x batch b equal to 1 process x batch b x N accumulation.
+The learning rate is one too (of the schedule settings and the step), so a resume applies the settings given now:
+
+- settings in `RESUME_INVARIANTS` (and the training samples themselves) fix what a checkpoint's step means; a
+  resume with any of them changed is refused, listing each;
+- every other setting (lr, weight decay, schedule, warm-up, max_steps / epochs, LBC weight, clipping, saving,
+  evaluation...) applies from the resume step on: step t then runs as it would in a run started with the new
+  settings; what changed is printed and logged as a ``resume`` event in metrics.jsonl.
+
+Checkpoints, and which one is "known good", are `loramoe.checkpoint`'s; the output folder rule is
+`loramoe.outputs`'s.
 """
 
 from __future__ import annotations
@@ -16,12 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import random
-import shutil
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -32,15 +40,31 @@ import torch
 import yaml
 from torch import nn
 
-from .data import DataError, InstructionCollator, InstructionDataset, load_instruction_data
+from .checkpoint import (
+    Checkpointer,
+    StabilityWatch,
+    checkpoint_dirs,
+    checkpoint_step,
+    newest_known_good,
+    save_model,
+    trainable_state,
+)
+from .checkpoint import full_tensor as _full
+from .data import InstructionCollator, InstructionDataset, check_task_type_names, load_instruction_data
+from .errors import RunStopped
+from .loading import model_folder
+from .outputs import OutputDir, write_json
 
 METHODS = ("loramoe", "lora", "full")
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-CHECKPOINT_PREFIX = "checkpoint-"
-# Settings that fix what a checkpoint's step means; resuming with other values would not continue the same run.
+# Settings that fix what a checkpoint's step means (with the training samples' fingerprint, the batch layout
+# and the adapter's shape and scale); resuming with other values would not continue the same run.
 RESUME_INVARIANTS = (
-    "method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "knowledge_experts", "target_modules",
+    "method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "lora_alpha", "knowledge_experts",
+    "target_modules",
 )  # fmt: skip
+# How to run, not what to train: never compared on resume.
+RUN_CONTROLS = ("resume", "overwrite", "progress")
 
 
 @dataclass
@@ -64,7 +88,10 @@ class TrainConfig:
     blc_count_padding: bool = field(default=False, metadata={"help": "count padding in LBC (reference code)"})
     # data
     task_type_names: dict[str, int] = field(default_factory=dict, metadata={"help": "NAME=TYPE, e.g. cbqa=1 nli=0"})
-    max_seq_len: int = field(default=1024, metadata={"help": "truncate samples to this many tokens"})
+    max_seq_len: int = field(default=1024, metadata={"help": "longest sample, in tokens"})
+    fit_prompt: bool = field(default=True, metadata={"help": "cut an over-long prompt in its middle so the "
+                             "response fits (--no-fit-prompt: cut the sample's end and refuse a record whose "
+                             "response is cut away entirely)"})  # fmt: skip
     skip_bad: bool = field(default=False, metadata={"help": "skip bad records (reported) instead of failing"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out instruction file for eval loss"})
     # optimisation
@@ -113,6 +140,7 @@ class TrainConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
+        check_task_type_names(self.task_type_names)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -145,8 +173,8 @@ class TrainResult:
     resumed_from: int | None = None  # step of the checkpoint this run continued from
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training hit a NaN/inf loss or gradient; the last good checkpoint is left untouched."""
+class NonFiniteLossError(RunStopped):
+    """Training hit a NaN/inf loss or gradient; the known-good checkpoint it names is kept for ``--resume``."""
 
 
 # ---- model -----------------------------------------------------------------------------------------------------
@@ -213,26 +241,7 @@ class SampleStream:
         return [self[i] for i in range(start, start + cfg.batch_size)]
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed into place), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a collective: every rank must call it), or ``t`` itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters as full CPU tensors, keyed like ``model.state_dict()``."""
-    return {n: _full(p.detach()).to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+# ---- sharding ---------------------------------------------------------------------------------------------------
 
 
 def shard_with_fsdp(model: nn.Module) -> nn.Module:
@@ -250,124 +259,72 @@ def shard_with_fsdp(model: nn.Module) -> nn.Module:
     return model
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Checkpointer:
-    """Writes ``output_dir/checkpoints/checkpoint-<step>`` atomically: rank 0 writes everything (the other ranks
-    send it their RNG states and, under FSDP, their shards) into a temporary directory, renames it into place and
-    keeps the last ``keep_last``."""
-
-    def __init__(self, accelerator: Any, output_dir: Path, keep_last: int, sharded: bool) -> None:
-        self.acc, self.root, self.keep_last, self.sharded = accelerator, output_dir / "checkpoints", keep_last, sharded
-
-    def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
-        from accelerate.utils import gather_object
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        acc = self.acc
-        final = self.root / f"{CHECKPOINT_PREFIX}{step}"
-        rng_states = gather_object([_rng_state()])  # one per process, in rank order
-        unwrapped = acc.unwrap_model(model)
-        weights = _trainable_state(unwrapped) if self.sharded or acc.is_main_process else None
-        # keyed by parameter name, gathered to rank 0 under FSDP: loadable whatever the sharding
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim_state = get_optimizer_state_dict(model, _raw(optimizer), options=options)
-        if acc.is_main_process:
-            from safetensors.torch import save_file
-
-            tmp = self.root / f".tmp-{CHECKPOINT_PREFIX}{step}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(optim_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            for rank, rng in enumerate(rng_states):
-                torch.save(rng, tmp / f"rng_state_{rank}.pt")
-            _write_json(tmp / "trainer_state.json", state)
-            if hasattr(unwrapped, "peft_config"):  # a ready-to-load adapter, for evaluating checkpoints
-                _save_model(unwrapped, tmp / "adapter", weights)
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(self.root.parent)[: -self.keep_last]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
-        return final
-
-    def load(self, path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        acc = self.acc
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(acc.unwrap_model(model).named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if set(weights) != expected:
-            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {extra[:3]}).")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                param = params[name]
-                if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this rank's slice
-                    from torch.distributed.tensor import distribute_tensor
-
-                    tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
-                param.copy_(tensor)
-        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
-        set_optimizer_state_dict(model, _raw(optimizer), optim_state, options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng_file = path / f"rng_state_{acc.process_index}.pt"
-        if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        else:
-            acc.print(f"warning: {rng_file} missing (different process count?): dropout will not replay exactly")
-        return json.loads((path / "trainer_state.json").read_text())
-
-
-def _raw(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 # ---- the loop --------------------------------------------------------------------------------------------------
 
 
-def _prepare_output_dir(cfg: TrainConfig, out: Path, is_main: bool) -> None:
+def _check_output_dir(cfg: TrainConfig, out: Path) -> OutputDir:
+    """Refuse an output folder that may not be written (see `loramoe.outputs`) or whose run would be lost."""
+    outdir = OutputDir(out, "--output-dir", {"--model": model_folder(cfg.model)})
     earlier = checkpoint_dirs(out) or (out / "metrics.jsonl").exists()
     if earlier and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(
-            f"{out} already holds a training run; pass --resume to continue it, --overwrite to discard it, "
-            "or choose another --output-dir."
+            f"{out}: already holds a training run (expected --resume to continue it, --overwrite to replace it, "
+            "or another --output-dir)"
         )
-    if is_main:
+    if cfg.resume and not cfg.overwrite and not checkpoint_dirs(out) and (out / "train_result.json").exists():
+        raise FileExistsError(
+            f"{out}: --resume: this run finished and kept no checkpoint to continue from; resuming would retrain "
+            "it from step 0 and replace its outputs (expected --overwrite to retrain, or another --output-dir)"
+        )
+    return outdir
+
+
+def _open_output_dir(outdir: OutputDir, cfg: TrainConfig, acc: Any) -> None:
+    """On rank 0: create the folder and, with ``overwrite``, delete the earlier run's files (only those)."""
+    acc.wait_for_everyone()  # every rank has checked its inputs before rank 0 changes anything
+    if acc.is_main_process:
+        outdir.create()
         if cfg.overwrite and not cfg.resume:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
+            outdir.remove_owned()
+        outdir.record(["metrics.jsonl", "data_report.json", "train_config.yaml", "train_result.json", "checkpoints"])
+    acc.wait_for_everyone()
+
+
+def _stopped_at(metrics: Path) -> int | None:
+    """After a non-finite loss: the step of the known-good checkpoint the run named (0: none), else None."""
+    if not metrics.exists():
+        return None
+    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    return last.get("resume_from_step") if last.get("event") == "non_finite_loss" else None
+
+
+def data_fingerprint(data: InstructionDataset) -> str:
+    """sha256 of the training samples (tokens, labels, task types, order): the data a checkpoint's step refers
+    to, whatever produced it (file contents, weights, --max-seq-len, --fit-prompt, --task-type-names...)."""
+    h = hashlib.sha256()
+    for s in data.samples:
+        h.update(json.dumps([s.input_ids, s.labels, s.task_type]).encode())
+    return h.hexdigest()
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (saved[k], v) for k, v in now.items() if k in saved and k not in RUN_CONTROLS and saved[k] != v}
+
+
+def _describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
+def _apply_schedule(optimizer: Any, scheduler: Any, cfg: TrainConfig, step: int) -> None:
+    """Put the configured lr and weight decay into the optimizer (a loaded optimizer state brings the saved
+    ones) and move the schedule to ``step``: the lr is then what a run started with these settings has there."""
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    for group, decay in zip(groups, (cfg.weight_decay, 0.0)):  # matrices, then vectors (see train())
+        group["initial_lr"], group["weight_decay"] = cfg.lr, decay
+    scheduler.base_lrs = [cfg.lr for _ in groups]
+    scheduler.last_epoch = step - 1
+    scheduler.step()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -407,16 +364,6 @@ def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCo
     if cfg.method == "loramoe":
         metrics["eval_blc_loss"] = (sums[2] / sums[3]).item()
     return metrics
-
-
-def _save_model(model: Any, path: Path, weights: dict[str, torch.Tensor]) -> None:
-    """``save_pretrained`` with the trainable tensors only. An adapter never resizes the vocabulary, so PEFT
-    is told not to look for the base model's config to check that: for a base named by a Hub id (or our
-    ``smollm2`` shorthand) its "auto" check is a network request."""
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(path, state_dict=weights, save_embedding_layers=False)
-    else:
-        model.save_pretrained(path, state_dict=weights)
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -477,7 +424,7 @@ def _final_weights(acc: Any, model: nn.Module, final: nn.Module, sharded: bool) 
         full = acc.get_state_dict(model)
         names = {n for n, p in final.named_parameters() if p.requires_grad}
         return {k: v for k, v in full.items() if k in names} if full else None
-    return _trainable_state(final) if sharded else None
+    return trainable_state(final) if sharded else None
 
 
 def _check_engine(cfg: TrainConfig, acc: Any) -> bool:
@@ -521,16 +468,23 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     )
     try:
         out = Path(cfg.output_dir)
-        _prepare_output_dir(cfg, out, acc.is_main_process)
+        outdir = _check_output_dir(cfg, out)
         set_seed(cfg.seed)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         load = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, task_type_names=cfg.task_type_names,
-                    skip_bad=cfg.skip_bad, seed=cfg.seed)  # fmt: skip
+                    skip_bad=cfg.skip_bad, seed=cfg.seed, fit_prompt=cfg.fit_prompt)  # fmt: skip
         data = load_instruction_data(cfg.data, **load)
         eval_data = load_instruction_data([cfg.eval_file], **load) if cfg.eval_file else None
         acc.print(f"data: {data.report.summary()}")
+        if eval_data is not None:
+            acc.print(f"eval data: {eval_data.report.summary()}")
+        unused = sorted(set(cfg.task_type_names) - data.report.names_used
+                        - (eval_data.report.names_used if eval_data else set()))  # fmt: skip
+        if unused:
+            raise ValueError(f"task_type_names: {unused} name(s) no record's task_type (expected names that "
+                             "appear as 'task_type' in the --data or --eval-file records)")  # fmt: skip
         collate = InstructionCollator(tokenizer.pad_token_id)
 
         model = model if model is not None else load_base_model(cfg.model)
@@ -565,26 +519,58 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         if not cfg.fsdp:  # our own FSDP2 sharding is done; accelerate wraps for DDP / its FSDP / DeepSpeed
             model, optimizer = acc.prepare(model, optimizer)
         stream = SampleStream(len(data), cfg.seed)
+        _open_output_dir(outdir, cfg, acc)
         ckpt = Checkpointer(acc, out, cfg.keep_last, sharded)
+        watch = StabilityWatch()
         invariants = {k: v for k, v in cfg.to_dict().items() if k in RESUME_INVARIANTS}
-        invariants["global_micro_batch"] = cfg.batch_size * world
+        invariants.update(global_micro_batch=cfg.batch_size * world, data_fingerprint=data_fingerprint(data))
+
+        def check(path: Path, state: dict[str, Any]) -> None:
+            saved = state.get("invariants", {})
+            changed = {k: (saved[k], v) for k, v in invariants.items() if k in saved and saved[k] != v}
+            if changed:
+                note = (" (data_fingerprint: the training samples differ: a --data file changed, or a setting that "
+                        "shapes them: --max-seq-len, --fit-prompt, --task-type-names, --skip-bad)"
+                        if "data_fingerprint" in changed else "")  # fmt: skip
+                raise ValueError(
+                    f"{path}: cannot resume: settings changed since it was written that fix what its step means: "
+                    f"{_describe_changes(changed)}{note} (expected the saved values, or --overwrite to start again)"
+                )
+            if state["step"] >= total_steps:
+                raise ValueError(f"max_steps: the run would end at step {total_steps}, but {path} is at step "
+                                 f"{state['step']} (expected more steps than the checkpoint's)")  # fmt: skip
 
         start_step, resumed_from, tokens_seen = 0, None, 0
-        if cfg.resume and checkpoint_dirs(out):
-            path = checkpoint_dirs(out)[-1]
-            state = ckpt.load(path, model, optimizer, scheduler)
-            changed = {k: (state["invariants"].get(k), v) for k, v in invariants.items() if state["invariants"].get(k) != v}
-            if changed:
-                raise ValueError(f"cannot resume {path}: settings changed since it was written (saved, now): {changed}")
+        metrics_log = out / "metrics.jsonl"
+        found = ckpt.resume(model, optimizer, check, upto=_stopped_at(metrics_log)) if cfg.resume else None
+        if found is not None:
+            path, state = found
             start_step = resumed_from = state["step"]
             tokens_seen = state["tokens_seen"]
+            if "stability" in state:
+                watch.load_state_dict(state["stability"])
+            _apply_schedule(optimizer, scheduler, cfg, start_step)
+            changed = _changed(state.get("config", {}), cfg.to_dict())
             if acc.is_main_process:
-                _truncate_metrics(out / "metrics.jsonl", start_step)
+                _truncate_metrics(metrics_log, start_step)
+                if changed:
+                    event = {"step": start_step, "event": "resume", "checkpoint": str(path),
+                             "changed": {k: list(v) for k, v in changed.items()}}  # fmt: skip
+                    with open(metrics_log, "a") as f:
+                        f.write(json.dumps(event) + "\n")
             acc.print(f"resumed from {path} (step {start_step} of {total_steps})")
+            if changed:
+                acc.print(f"resume: settings changed since {path.name}, applied from step {start_step + 1}: "
+                          f"{_describe_changes(changed)}")  # fmt: skip
         elif cfg.resume:
             acc.print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
+            if acc.is_main_process:
+                _truncate_metrics(metrics_log, 0)
         if acc.is_main_process:
-            _write_json(out / "data_report.json", data.report.to_dict())
+            report = data.report.to_dict()
+            if eval_data is not None:
+                report["eval"] = eval_data.report.to_dict()
+            write_json(out / "data_report.json", report)
             (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         acc.print(
             f"training {cfg.method}: {trainable:,} trainable of {total_params:,} parameters; {total_steps} steps x "
@@ -606,16 +592,21 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 for m in range(cfg.grad_accum)
             ]
             lm_loss, blc_loss, norm, step_tokens = _forward_backward(model, batches, params, cfg, acc)
+            stable = watch.observe(lm_loss, norm)
             if not all(math.isfinite(x) for x in (lm_loss, blc_loss, norm)):
-                good = checkpoint_dirs(out)
+                good = newest_known_good(out)
                 message = (
                     f"non-finite loss at step {step + 1}: lm_loss={lm_loss}, blc_loss={blc_loss}, grad_norm={norm}. "
-                    f"Training stopped without applying this step; last good checkpoint: "
-                    f"{good[-1] if good else 'none written yet'}. Lower --lr, check the data or --bf16, then --resume."
+                    f"Training stopped without applying this step; last known-good checkpoint: "
+                    f"{good if good else 'none written yet'} (its step's loss and gradient norm were in line with "
+                    f"the steps before it). Lower --lr, check the data or --bf16, then --resume: it continues from "
+                    f"{'that checkpoint' if good else 'step 0'} with the lr (and any other schedule setting) you give it."
                 )
                 if acc.is_main_process:
+                    event = {"step": step + 1, "event": "non_finite_loss", "message": message,
+                             "resume_from_step": checkpoint_step(good) if good else 0}  # fmt: skip
                     with open(metrics_log, "a") as f:
-                        f.write(json.dumps({"step": step + 1, "event": "non_finite_loss", "message": message}) + "\n")
+                        f.write(json.dumps(event) + "\n")
                 raise NonFiniteLossError(message)
             optimizer.step()
             scheduler.step()
@@ -633,6 +624,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 "step": done, "epoch": done * per_step / len(data), **metrics, "lr": lr, "grad_norm": norm,
                 "tokens": tokens_seen, "tokens_per_s": run_tokens / train_seconds, "step_seconds": elapsed,
             }  # fmt: skip
+            if not stable:
+                record["unstable"] = True  # see loramoe.checkpoint.StabilityWatch
             bar.update(1)
             shown = {"lm": f"{lm_loss:.3f}", **({"lbc": f"{blc_loss:.4f}"} if cfg.method == "loramoe" else {})}
             bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -644,15 +637,18 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 with open(metrics_log, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                state = {"step": done, "total_steps": total_steps, "tokens_seen": tokens_seen, "invariants": invariants}
-                ckpt.save(done, model, optimizer, scheduler, state)
+                state = {"step": done, "total_steps": total_steps, "tokens_seen": tokens_seen, "invariants": invariants,
+                         "config": cfg.to_dict(), "known_good": stable, "stability": watch.state_dict()}  # fmt: skip
+                ckpt.save(done, model, optimizer, state)
         bar.close()
 
         final = acc.unwrap_model(model)
         weights = _final_weights(acc, model, final, sharded)
-        if acc.is_main_process:
-            _save_model(final, out, weights)  # adapter_model.safetensors (+ config) or the full model
-            tokenizer.save_pretrained(out)
+        if acc.is_main_process:  # written beside, then moved in: a file loramoe did not write is never replaced
+            staging = outdir.staging()
+            save_model(final, staging, weights)  # adapter_model.safetensors (+ config) or the full model
+            tokenizer.save_pretrained(staging)
+            outdir.publish(staging)
         acc.wait_for_everyone()
         tokens_per_s = run_tokens / train_seconds if train_seconds else 0.0
         result = TrainResult(
@@ -662,7 +658,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         )  # fmt: skip
         if acc.is_main_process:
             summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("model", "tokenizer")}
-            _write_json(out / "train_result.json", summary)
+            write_json(out / "train_result.json", summary)
         acc.print(f"saved to {out}: {'adapter' if cfg.method != 'full' else 'model'}, metrics.jsonl, train_result.json")
         return result
     finally:
@@ -675,8 +671,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 def _kv_task_type(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=TYPE (e.g. cbqa=1), got {text!r}")
+    if not sep or value.strip() not in ("1", "0", "-1"):
+        raise argparse.ArgumentTypeError(f"expected NAME=TYPE with TYPE 1, 0 or -1 (e.g. cbqa=1), got {text!r}")
     return name, int(value)
 
 
@@ -712,11 +708,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = train(config_from_args(args))
-    except (DataError, NonFiniteLossError, FileExistsError, ValueError) as e:
-        print(f"loramoe train: error: {e}", file=sys.stderr)
-        return 1
+    result = train(config_from_args(args))  # a failure is printed as one line by loramoe.cli
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps, **result.metrics,

@@ -59,7 +59,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
-        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+        raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
     changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     if args.target_modules:
         changes["target_modules"] = tuple(args.target_modules)

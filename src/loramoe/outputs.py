@@ -1,0 +1,155 @@
+"""Folders loramoe writes into, and the rule that keeps it from destroying anything it did not write.
+
+The rule: a command writes into a folder only when that folder is new, empty, or was written by loramoe,
+which it proves by ``loramoe-manifest.json``, the list of the entries (files or folders) loramoe put there.
+Each entry is listed *before* it is created, so a crash never leaves an unlisted file of ours. ``--overwrite``
+deletes listed entries only; a file someone else put beside them is never touched, and a new output that would
+replace such a file is refused. Nothing is ever written into a protected folder (the base model's, a source's).
+Files are created with the permissions the user's umask gives (some writers, e.g. safetensors, use 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "loramoe-manifest.json"
+STAGING = ".loramoe-staging"  # new outputs are written here, then moved into place
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a ``.tmp`` sibling renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: Path) -> None:
+    """Give ``path`` (recursively) the permissions a plain ``open``/``mkdir`` would have given it."""
+    mask = _umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def check_not_inside(path: str | Path, protected: Mapping[str, str | Path | None]) -> None:
+    """Refuse a destination that is, or lies inside, a protected folder (``{"--model": folder, ...}``)."""
+    dest = Path(path).resolve()
+    for key, folder in protected.items():
+        if folder is None or not Path(folder).exists():
+            continue
+        folder = Path(folder).resolve()
+        folder = folder if folder.is_dir() else folder.parent  # a file (e.g. a .gguf): protect its folder
+        if dest == folder or folder in dest.parents:
+            raise FileExistsError(
+                f"{path}: is {'' if dest == folder else 'inside '}the folder of {key} ({folder}); loramoe never "
+                f"writes there (expected another output folder)"
+            )
+
+
+class OutputDir:
+    """An output folder of one command; ``key`` names the option it came from, for messages."""
+
+    def __init__(self, path: str | Path, key: str, protected: Mapping[str, str | Path | None] | None = None) -> None:
+        self.path, self.key = Path(path), key
+        check_not_inside(self.path, protected or {})
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"{self.path}: exists and is not a folder (expected a folder for {key})")
+        foreign = self.foreign()
+        if not (self.path / MANIFEST).is_file() and foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(
+                f"{self.path}: holds files loramoe did not write ({shown}); it is never written into, not even "
+                f"with --overwrite (expected for {key} a new or empty folder, or one loramoe wrote: with {MANIFEST})"
+            )
+
+    # ---- what is ours ----
+    def entries(self) -> list[str]:
+        """Entries listed in the manifest."""
+        path = self.path / MANIFEST
+        return list(json.loads(path.read_text()).get("entries", [])) if path.is_file() else []
+
+    def owns(self, name: str, listed: list[str] | None = None) -> bool:
+        listed = self.entries() if listed is None else listed
+        return name in (MANIFEST, STAGING, *listed) or (name.endswith(".tmp") and name[: -len(".tmp")] in listed)
+
+    def foreign(self) -> list[str]:
+        """Entries of the folder that loramoe did not write."""
+        if not self.path.is_dir():
+            return []
+        listed = self.entries()
+        return sorted(p.name for p in self.path.iterdir() if not self.owns(p.name, listed))
+
+    def owned(self) -> list[str]:
+        """Listed entries that exist."""
+        return [n for n in self.entries() if (self.path / n).exists()]
+
+    def claim(self, names: Iterable[str]) -> OutputDir:
+        """Refuse if one of ``names`` (what the command will write) exists and is not loramoe's. Checks only:
+        `create` and `record` write, once the command's inputs have been read."""
+        clashes = [n for n in names if (self.path / n).exists() and not self.owns(n)]
+        if clashes:
+            raise FileExistsError(f"{self.path / clashes[0]}: exists and was not written by loramoe, so it is not "
+                                  "replaced (expected no such file)")  # fmt: skip
+        return self
+
+    # ---- writing ----
+    def create(self) -> OutputDir:
+        """Create the folder and its manifest (if new)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / MANIFEST).is_file():
+            write_json(self.path / MANIFEST, {"written_by": "loramoe", "entries": []})
+        return self
+
+    def record(self, names: Iterable[str]) -> None:
+        """List ``names`` as ours (before creating them)."""
+        listed = self.entries()
+        new = [n for n in names if n not in listed]
+        if new:
+            write_json(self.path / MANIFEST, {"written_by": "loramoe", "entries": listed + new})
+
+    def remove_owned(self, keep: Iterable[str] = ()) -> None:
+        """``--overwrite``: delete what loramoe wrote here (except ``keep``); nothing else."""
+        keep = set(keep)
+        for name in self.owned():
+            if name in keep:
+                continue
+            target = self.path / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        shutil.rmtree(self.path / STAGING, ignore_errors=True)
+
+    def staging(self) -> Path:
+        """An empty folder inside this one for new outputs, to be moved into place by `publish`."""
+        staging = self.path / STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def publish(self, staging: Path) -> list[str]:
+        """Move every entry of ``staging`` into the folder, listing each first. A name that belongs to a file
+        loramoe did not write is refused before anything moves, and the new outputs stay in ``staging``."""
+        names = sorted(p.name for p in staging.iterdir())
+        clashes = [n for n in names if (self.path / n).exists() and not self.owns(n)]
+        if clashes:
+            raise FileExistsError(
+                f"{self.path / clashes[0]}: exists and was not written by loramoe, so it is not replaced (expected "
+                f"no such file: move it away; the new outputs are in {staging})"
+            )
+        self.record(names)
+        for name in names:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            respect_umask(staging / name)
+            os.replace(staging / name, target)
+        staging.rmdir()
+        return names

@@ -1,0 +1,160 @@
+"""The command line's failure contract (loramoe.cli): every command, over bad inputs, prints one line
+``loramoe <command>: error: <path or key>: ...`` naming what is wrong, exits with 2 and shows no traceback
+(unless --debug / LORAMOE_DEBUG=1). The cases are keyed by command: a command added to loramoe.cli.COMMANDS
+without cases here fails `test_every_command_has_bad_input_cases`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+
+import loramoe
+from conftest import tiny_model
+from loramoe import cli
+from loramoe.errors import RunStopped
+from loramoe.loading import load_base_model
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_llama_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "empty").mkdir()
+    (root / "theirs").mkdir()
+    (root / "theirs" / "notes.txt").write_text("not loramoe's")
+    data = root / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Add", "input": "1+1", "output": "2", "task_type": 0}) + "\n")
+    tasks = root / "tasks.jsonl"
+    tasks.write_text(json.dumps({"type": "generate", "prompt": "1+1=", "answers": ["2"]}) + "\n")
+    (root / "broken.jsonl").write_text('{"type": "generate", "prompt": "x"\n')
+    adapter = root / "adapter"
+    peft.get_peft_model(load_base_model(str(tiny_llama_dir)), loramoe.LoraMoeConfig(num_experts=2, r=2)).save_pretrained(adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    # reference-code adapters: one with a null rank, one whose pickle holds more than tensors
+    model = tiny_model("llama")
+    state = {}
+    for name, module in model.named_modules():
+        if name.endswith("mlp.up_proj"):
+            state.update({f"base_model.model.{name}.lora_A0.weight": torch.zeros(2, module.in_features),
+                          f"base_model.model.{name}.lora_B0.weight": torch.zeros(module.out_features, 2),
+                          f"base_model.model.{name}.lora_route.weight": torch.zeros(1, module.in_features)})  # fmt: skip
+    config = {"r": 2, "lora_alpha": 4, "lora_nums": 1, "target_modules": ["up_proj"]}
+    for name, changes in (("ref", {}), ("ref_null", {"r": None}), ("ref_pickle", {})):
+        (root / name).mkdir()
+        (root / name / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        torch.save(state, root / name / "adapter_model.bin")
+    with open(root / "ref_pickle" / "adapter_model.bin", "wb") as f:
+        pickle.dump({"x": _Code()}, f)
+    return {"root": str(root), "model": str(tiny_llama_dir), "data": str(data), "tasks": str(tasks)}
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+T = ["--data", "{data}", "--output-dir", "{root}/run"]  # a good train command's other flags
+E = ["--tasks", "{tasks}", "--out", "{root}/eval"]
+
+# command -> [(case id, argv, what the line must name)]; placeholders are the `paths` fixture's keys
+CASES: dict[str, list[tuple[str, list[str], str]]] = {
+    "import-official": [
+        ("missing source", ["{root}/nowhere", "{root}/dst"], "{root}/nowhere: not a folder"),
+        ("not an adapter", ["{root}/empty", "{root}/dst"], "{root}/empty/adapter_config.json: not found"),
+        ("into its source", ["{root}/ref", "{root}/ref"], "{root}/ref: is the folder of SRC"),
+        ("null rank", ["{root}/ref_null", "{root}/dst"], "{root}/ref_null/adapter_config.json: 'r' is null"),
+        ("code in the pickle", ["{root}/ref_pickle", "{root}/dst"], "{root}/ref_pickle/adapter_model.bin: refused"),
+        ("someone's folder", ["{root}/ref", "{root}/theirs", "--overwrite"], "{root}/theirs: holds files loramoe did not write"),
+        ("no arguments", [], "the following arguments are required: src, dst"),
+    ],
+    "train": [
+        ("missing model", ["--model", "{root}/nowhere", *T], "{root}/nowhere: not found"),
+        ("empty model folder", ["--model", "{root}/empty", *T], "{root}/empty: the folder has no tokenizer.json"),
+        ("a folder as data", ["--model", "{model}", "--data", "{root}", "--output-dir", "{root}/run"], "{root}: is a folder"),
+        ("missing data", ["--model", "{model}", "--data", "{root}/no.jsonl", "--output-dir", "{root}/run"], "{root}/no.jsonl: file not found"),
+        ("into the base model", ["--model", "{model}", "--data", "{data}", "--output-dir", "{model}", "--method", "full",
+                                 "--overwrite"], "{model}: is the folder of --model"),
+        ("someone's folder", ["--model", "{model}", "--data", "{data}", "--output-dir", "{root}/theirs", "--overwrite"],
+         "{root}/theirs: holds files loramoe did not write"),
+        ("a number as a name", ["--model", "{model}", *T, "--task-type-names", "0=1"], "task_type_names: '0' is not a name"),
+        ("bad number", ["--model", "{model}", *T, "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+        ("bad setting", ["--model", "{model}", *T, "--max-seq-len", "1"], "TrainConfig.max_seq_len=1 is invalid"),
+        ("missing config", ["--config", "{root}/no.yaml"], "{root}/no.yaml: No such file or directory"),
+    ],
+    "eval": [
+        ("missing base", ["--base", "{root}/nowhere", *E], "{root}/nowhere: not found"),
+        ("missing tasks", ["--base", "{model}", "--tasks", "{root}/no.jsonl", "--out", "{root}/eval"], "{root}/no.jsonl: not found"),
+        ("a folder as tasks", ["--base", "{model}", "--tasks", "{root}", "--out", "{root}/eval"], "{root}: is a folder"),
+        ("broken tasks", ["--base", "{model}", "--tasks", "{root}/broken.jsonl", "--out", "{root}/eval"],
+         "{root}/broken.jsonl:1: malformed JSON"),
+        ("adapter without weights", ["--base", "{model}", "--adapter", "{root}/adapter", *E],
+         "{root}/adapter: no adapter_model.safetensors"),
+        ("into the base model", ["--base", "{model}", "--tasks", "{tasks}", "--out", "{model}"], "{model}: is the folder of --base"),
+        ("someone's folder", ["--base", "{model}", "--tasks", "{tasks}", "--out", "{root}/theirs"],
+         "{root}/theirs: holds files loramoe did not write"),
+    ],
+    "routes": [
+        ("missing adapter", ["--base", "{model}", "--adapter", "{root}/nowhere", *E], "{root}/nowhere: not a folder"),
+        ("adapter without weights", ["--base", "{model}", "--adapter", "{root}/adapter", *E],
+         "{root}/adapter: no adapter_model.safetensors"),
+        ("empty base folder", ["--base", "{root}/empty", "--adapter", "{root}/ref", *E], "{root}/empty: the folder has no config.json"),
+        ("missing tasks", ["--base", "{model}", "--adapter", "{root}/adapter", "--tasks", "{root}/no.jsonl", "--out",
+                           "{root}/r"], "{root}/no.jsonl: not found"),
+    ],
+    "reproduce": [
+        ("missing base", ["--base", "{root}/nowhere", "--out", "{root}/repro"], "{root}/nowhere"),
+        ("no seeds", ["--seeds", "0", "--out", "{root}/repro"], "--seeds: must be >= 1"),
+        ("bad method", ["--methods", "magic"], "argument --methods: invalid choice: 'magic'"),
+    ],
+}
+
+
+def test_every_command_has_bad_input_cases():
+    assert sorted(CASES) == sorted(cli.COMMANDS), "give every command in loramoe.cli.COMMANDS bad-input CASES here"
+
+
+@pytest.mark.parametrize("command,argv,named", [(c, a, n) for c, cases in CASES.items() for _, a, n in cases],
+                         ids=[f"{c}: {i}" for c, cases in CASES.items() for i, _, _ in cases])  # fmt: skip
+def test_bad_input_is_one_line_naming_it_and_exit_2(command, argv, named, paths, capsys):
+    code = cli.main([command, *(a.format(**paths) for a in argv)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"loramoe {command}: error: ") and named.format(**paths) in err
+    assert "Traceback" not in err and "pickle code ran" not in err
+    assert not os.path.exists(os.path.join(paths["root"], "dst")) and not os.path.exists(os.path.join(paths["model"], "runs"))
+
+
+def test_a_run_that_stops_or_a_bug_is_one_line_exit_1(monkeypatch, capsys):
+    from loramoe import interop
+
+    for error, code, text in [(RunStopped("non-finite loss at step 3"), 1, "error: non-finite loss at step 3"),
+                              (KeyError("x"), 1, "error: internal error (KeyError: 'x'); rerun with --debug")]:  # fmt: skip
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(interop, "run", fail)
+        assert cli.main(["import-official", "a", "b"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(f"loramoe import-official: {text}") and len(err.splitlines()) == 1
+    with pytest.raises(KeyError):
+        cli.main(["import-official", "a", "b", "--debug"])
+
+
+def test_from_a_shell_no_traceback_unless_asked_for(paths):
+    argv = [sys.executable, "-m", "loramoe.cli", "train", "--model", f"{paths['root']}/nowhere", "--data", paths["data"],
+            "--output-dir", f"{paths['root']}/run"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("LORAMOE_DEBUG", None)
+    plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2
+    assert plain.stderr == f"loramoe train: error: {paths['root']}/nowhere: not found (expected a Hugging Face model " \
+                           "folder, a .gguf file or 'smollm2'; nothing is downloaded)\n"
+    debug = subprocess.run(argv, env={**env, "LORAMOE_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr and "FileNotFoundError" in debug.stderr

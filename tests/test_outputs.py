@@ -1,0 +1,79 @@
+"""The output-folder rule (loramoe.outputs): loramoe writes only into new, empty or its own folders, replaces only
+what its manifest lists, never writes into a protected folder, and leaves permissions to the umask."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from loramoe.outputs import MANIFEST, OutputDir, check_not_inside, respect_umask
+
+
+def test_a_new_folder_gets_a_manifest_that_lists_what_was_written(tmp_path):
+    out = OutputDir(tmp_path / "new" / "run", "--out").create()
+    out.record(["a.json", "ckpts"])
+    (out.path / "a.json").write_text("{}")
+    (out.path / "a.json.tmp").write_text("{")  # an atomic write cut short: still ours
+    (out.path / "theirs.txt").write_text("x")
+    assert json.loads((out.path / MANIFEST).read_text()) == {"written_by": "loramoe", "entries": ["a.json", "ckpts"]}
+    assert out.owned() == ["a.json"] and out.foreign() == ["theirs.txt"]
+    out.remove_owned()
+    assert sorted(p.name for p in out.path.iterdir()) == ["a.json.tmp", MANIFEST, "theirs.txt"]
+
+
+def test_folders_with_files_loramoe_did_not_write_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    OutputDir(tmp_path / "empty", "--out").create()  # an empty folder is fine
+    (tmp_path / "model").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
+        (tmp_path / "model" / name).write_text("x")
+    with pytest.raises(FileExistsError, match=r"model: holds files loramoe did not write \(config\.json, "
+                                              r"model\.safetensors, tokenizer\.json and 1 more\)"):  # fmt: skip
+        OutputDir(tmp_path / "model", "--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file: exists and is not a folder"):
+        OutputDir(tmp_path / "file", "--out")
+
+
+def test_publish_refuses_to_replace_a_foreign_file_and_moves_nothing(tmp_path):
+    out = OutputDir(tmp_path / "o", "--out").create()
+    (out.path / "README.md").write_text("theirs")
+    staging = out.staging()
+    for name in ("README.md", "weights.bin"):
+        (staging / name).write_text("new")
+    with pytest.raises(FileExistsError, match=r"README\.md: exists and was not written by loramoe"):
+        out.publish(staging)
+    assert (out.path / "README.md").read_text() == "theirs" and not (out.path / "weights.bin").exists()
+    (out.path / "README.md").unlink()
+    assert out.publish(staging) == ["README.md", "weights.bin"] and not staging.exists()
+    assert out.owned() == ["README.md", "weights.bin"]
+    with pytest.raises(FileExistsError, match="eval.json: exists and was not written by loramoe"):
+        (out.path / "eval.json").write_text("theirs")
+        out.claim(["eval.json"])
+
+
+def test_protected_folders_and_everything_inside_them(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "m.gguf").write_text("x")
+    protected = {"--model": tmp_path / "base", "--gguf": tmp_path / "m.gguf", "--gone": tmp_path / "gone"}
+    for dest in (tmp_path / "base", tmp_path / "base" / "sub" / "dir"):
+        with pytest.raises(FileExistsError, match=r"the folder of --model"):
+            check_not_inside(dest, protected)
+    with pytest.raises(FileExistsError, match=r"the folder of --gguf"):  # a file's folder is protected
+        check_not_inside(tmp_path, protected)
+    check_not_inside(tmp_path / "elsewhere", {"--model": tmp_path / "base"})
+
+
+def test_respect_umask(tmp_path):
+    (tmp_path / "d").mkdir(mode=0o700)
+    (tmp_path / "d" / "f").write_text("x")
+    os.chmod(tmp_path / "d" / "f", 0o600)
+    old = os.umask(0o027)
+    try:
+        respect_umask(tmp_path / "d")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o750)
+    assert oct((tmp_path / "d" / "f").stat().st_mode & 0o777) == oct(0o640)
