@@ -206,10 +206,11 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     path, _, _, world = toy_base
     preset = tiny_preset(path, downstream_per_family=4, test_per_family=2, valid_per_family=2, batch_size=4,
                          eval_batch_size=16, max_new_tokens=4, lr_grid={"lora": (1e-3, 2e-3)}, decisive_seeds=2)  # fmt: skip
-    extra = tmp_path / "my_facts.jsonl"  # the user's own closed-book questions: here, about validation people
+    extra = tmp_path.parent / f"{tmp_path.name}_my_facts.jsonl"  # the user's own questions: about validation people
     facts = world.facts_of("valid")[:3]
     extra.write_text("".join(json.dumps({"question": f.question, "answers": [f.value]}) + "\n" for f in facts))
     plan = Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=list(METHODS), steps=1, knowledge_test=extra)
+    assert not list(tmp_path.iterdir())
     lines: list[str] = []
     report = summarise(run_experiment(plan, log=lines.append))
     paths = write_report(report, tmp_path)
@@ -256,7 +257,7 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     # ... but a saved run from another configuration is an error, not a silent mix of two experiments
     changed = Plan(with_overrides(preset, lr_grid={}, lr_adapter=1e-3, lora_alpha=16), tmp_path, seeds=[0],
                    scales=[1, 2], methods=["lora"], steps=1)  # fmt: skip
-    with pytest.raises(ValueError, match=r"lora_x1_lr0\.001_seed0\.json: recorded with a different training configuration"):
+    with pytest.raises(ValueError, match=r"lora_x2_lr0\.001_seed0\.json: recorded with a different training configuration"):
         run_experiment(changed, log=lines.append)
 
 
@@ -430,3 +431,18 @@ def test_a_run_saved_before_a_setting_existed_matches_only_that_settings_default
     assert not same_config(saved, {"lr": 2e-3, "method": "lora"}, defaults)
     assert not same_config({**saved, "gone": 1}, {"lr": 1e-3, "method": "lora"}, defaults)
     assert not same_config(saved, {"lr": 1e-3, "method": "lora", "unknown": 0}, defaults)
+
+
+def test_reproduce_writes_only_into_its_own_or_a_new_folder(toy_base, tmp_path):
+    path, _, _, _ = toy_base
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("months of work")
+    plan = Plan(tiny_preset(path, downstream_per_family=1, test_per_family=1, valid_per_family=1), mine, seeds=[0],
+                scales=[1], methods=["base"])  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"notes: holds files loramoe did not write \(thesis.tex\)"):
+        run_experiment(plan, log=lambda line: None)
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    inside = Plan(plan.preset, path / "out", seeds=[0], scales=[1], methods=["base"])
+    with pytest.raises(FileExistsError, match="the folder of the base model"):
+        run_experiment(inside, log=lambda line: None)

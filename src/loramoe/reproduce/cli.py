@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .pipeline import ADAPTER_METHODS, METHODS, Plan, run_experiment, with_overrides
+from .pipeline import ADAPTER_METHODS, METHODS, Plan, open_out, run_experiment, with_overrides
 from .presets import PRESETS, TINY_BASE, smollm2_preset, tiny_preset
 from .report import summarise, to_markdown, write_report
 from .sweep import SWEEPS, run_sweep
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if unused:
             raise ValueError(f"{unused[0]}: not used by --sweep (a sweep trains at --lr-adapter on the preset's own "
                              "test sets; expected the comparison, without --sweep)")  # fmt: skip
+        open_out(args.out, (f"sweep_{args.sweep}",), preset)
         run_sweep(args.sweep, preset, args.out / f"sweep_{args.sweep}", list(range(args.seeds)), max(scales), args.steps)
         return 0
     plan = Plan(preset, args.out, list(range(args.seeds)), scales, args.methods, args.steps,

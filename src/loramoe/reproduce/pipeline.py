@@ -45,6 +45,9 @@ EXTRA_TASK = "knowledge_test"  # a user's own closed-book questions (--knowledge
 VALID = "_valid"  # suffix of a validation task: facts or downstream samples for choosing lrs, never the test's
 VALID_TASK = KNOWLEDGE_TASK + VALID
 RESULTS_DIR = "results"  # one JSON file per finished run: what a rerun with the same --out reuses
+# what `run_experiment` (and the CLI after it) writes into --out: listed in its manifest before it is written
+OUTPUTS = ("data", "tasks", "results", "runs", "routing", "runs.jsonl", "raw_results.json", "report.json",
+           "report.md", "forgetting.png", "frontier.png", "routing.png")  # fmt: skip
 ROUTING_LIMIT = 50  # samples per task for the routing statistics (a forward pass each; the mean settles by then)
 
 
@@ -332,11 +335,21 @@ def choose_lrs(runs: list[dict[str, Any]], scale: float, families: list[str]) ->
     return {"level": level, "lr": chosen}
 
 
+def open_out(out: Path, names: tuple[str, ...], preset: Preset) -> None:
+    """Make ``out`` an output folder of loramoe's (see `loramoe.outputs`): refused when it holds files loramoe did
+    not write or lies inside the base model's folder; ``names`` are listed as loramoe's before they are written."""
+    from ..loading import model_folder
+    from ..outputs import OutputDir
+
+    folder = OutputDir(out, "--out", {"the base model": model_folder(preset.model_ref)}).claim(names).create()
+    folder.record(names)
+
+
 def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Do every run of ``plan`` (the grid, then the decisive setting's extra seeds); return the raw results that
     `report.summarise` reads."""
     p = plan.preset
-    plan.out.mkdir(parents=True, exist_ok=True)
+    open_out(plan.out, OUTPUTS, p)
     if p.threads:
         torch.set_num_threads(p.threads)
     base, tokenizer = p.load()

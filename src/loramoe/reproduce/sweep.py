@@ -28,6 +28,7 @@ from .pipeline import (
     Preset,
     build_data,
     config_defaults,
+    open_out,
     planned_steps,
     scorer,
     train_and_measure,
@@ -81,7 +82,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
     Seeds are the outer loop, so an interrupted sweep leaves every setting with about as many seeds.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    open_out(out, ("work", RESULTS_DIR, "sweep.json", "sweep.md", "sweep.png"), preset)
     if preset.threads:
         torch.set_num_threads(preset.threads)
     scale = max(preset.scales) if scale is None else scale
