@@ -446,3 +446,12 @@ def test_reproduce_writes_only_into_its_own_or_a_new_folder(toy_base, tmp_path):
     inside = Plan(plan.preset, path / "out", seeds=[0], scales=[1], methods=["base"])
     with pytest.raises(FileExistsError, match="the folder of the base model"):
         run_experiment(inside, log=lambda line: None)
+
+
+def test_a_runs_fingerprint_does_not_depend_on_where_the_checkout_or_output_is():
+    from loramoe.reproduce.store import fingerprint
+    from loramoe.train import TrainConfig
+
+    a = fingerprint(TrainConfig(model="/home/a/loramoe/assets/tiny_base", data=["/tmp/x/data/k.jsonl"], output_dir="/x"))
+    b = fingerprint(TrainConfig(model="/srv/b/assets/tiny_base", data=["runs/y/data/k.jsonl"], output_dir="/y"))
+    assert a == b and a["model"] == "tiny_base" and a["data"] == ["k.jsonl"]

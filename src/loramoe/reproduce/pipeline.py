@@ -385,7 +385,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
 
     if "base" in plan.methods:
         path = plan.out / RESULTS_DIR / "base.json"
-        base_config = {"method": "base", "model": p.model_ref}
+        base_config = {"method": "base", "model": Path(p.model_ref).name}  # the weights' sha256 is in the inputs
         run = load_done(path, base_config, inputs)
         if run is None:
             progress.stage("evaluating the base model")

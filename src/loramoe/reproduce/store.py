@@ -25,7 +25,9 @@ def fingerprint(config: Any) -> dict[str, Any]:
     """What makes a run this run: its training configuration without where it writes."""
     fields = config.to_dict()
     fields.pop("output_dir", None)
-    fields["data"] = [Path(str(f)).name for f in fields["data"]]  # the same data wherever the output folder is
+    # the same data and base wherever the checkout and the output folder are (their contents are in the inputs' sha256)
+    fields["data"] = [Path(str(f)).name for f in fields["data"]]
+    fields["model"] = Path(str(fields["model"])).name
     return json.loads(json.dumps(fields, default=str))
 
 
