@@ -69,3 +69,13 @@ def test_bootstrap_carries_the_seed_to_seed_variation():
 def test_bootstrap_refuses_tables_of_different_shapes():
     with pytest.raises(ValueError, match="seeds"):
         paired_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+def test_float_noise_does_not_make_two_equal_skills_different():
+    """0.38 as a mean of three seeds is 0.37999999999999995: the same skill as 0.38, so the point with more
+    knowledge wins there (read naively, the other point would be the frontier's only point at 0.38)."""
+    noisy = (0.38 + 0.38 + 0.38) / 3
+    assert noisy != 0.38
+    points = [Point(noisy, 0.99), Point(0.38, 0.92)]
+    assert pareto_frontier(points) == [Point(0.38, 0.99)]
+    assert knowledge_at(points, 0.38) == pytest.approx(0.99)

@@ -23,13 +23,21 @@ class Point:
     knowledge: float
 
 
+DECIMALS = 9  # scores are compared to this many decimals (means of counts carry float noise)
+
+
+def _rounded(p: Point) -> Point:
+    return Point(round(p.downstream, DECIMALS), round(p.knowledge, DECIMALS))
+
+
 def pareto_frontier(points: Sequence[Point]) -> list[Point]:
     """The points no other point beats on both skill and knowledge, by rising skill (so falling knowledge).
 
-    Ties: of equal points one is kept; a point with equal skill and less knowledge is dominated.
+    Ties: of equal points one is kept; a point with equal skill and less knowledge is dominated. Values are
+    compared to 9 decimals: scores are means of counts, and 0.38 averaged over three seeds is 0.37999999999999995.
     """
     best: list[Point] = []
-    for p in sorted(points, key=lambda q: (-q.downstream, -q.knowledge)):  # most skill first
+    for p in sorted({_rounded(q) for q in points}, key=lambda q: (-q.downstream, -q.knowledge)):  # most skill first
         if not best or p.knowledge > best[-1].knowledge:
             best.append(p)
     return best[::-1]
@@ -39,7 +47,7 @@ def knowledge_at(points: Sequence[Point], level: float) -> float | None:
     """Knowledge on the frontier of ``points`` at downstream skill ``level``: linear between the two frontier
     points around it; the least-skilled frontier point's knowledge below them; None above the most skilled
     (the method never reached that skill)."""
-    front = pareto_frontier(points)
+    front, level = pareto_frontier(points), round(level, DECIMALS)
     if not front or level > front[-1].downstream:
         return None
     for lo, hi in zip(front, front[1:]):
