@@ -99,6 +99,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         "preset": raw["preset"], "seeds": raw["seeds"], "data_scales": scales, "methods": methods,
         "routing": {"method": "loramoe_lbc", "knowledge_share": routing.get("loramoe_lbc", {}), "by_method": routing},
         "data": raw["data"], "steps_per_scale": raw["steps"], "wall_seconds": raw["wall_seconds"],
+        "train_seconds_total": sum(r["train_seconds"] for r in raw["runs"]), "runs": len(raw["runs"]),
         "lr_grid": raw["lr_grid"], "decisive": raw["decisive"], "frontier": frontier,
         "matched_skill": matched_skill(frontier, methods.get("base")),
         "comparisons": comparisons(raw),
@@ -220,8 +221,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "fine-tuning, asked as a plain completion (format-free, the headline) and as the fine-tuning data asks "
         "(in-format). Log-prob change = mean change, against the base model, of the gold answer's log-probability "
         "per token after the format-free prompt. "
-        f"Wall time of the whole experiment: {report['wall_seconds'] / 60:.1f} min; 'train s' is one run's training "
-        "time at the largest scale.",
+        f"Wall time of this invocation: {report['wall_seconds'] / 60:.1f} min (runs finished earlier are reused); "
+        f"training time of all {report['runs']} runs: {report['train_seconds_total'] / 60:.1f} min; 'train s' is one "
+        "run's training time at the largest scale.",
         "",
         "| method | lr | trainable params | world knowledge | in-format | log-prob change | "
         + " | ".join(tasks) + " | downstream mean | train s |",
