@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import quantization
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,9 +39,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, quantize: str | None = None,
+                    bnb_compute_dtype: str | None = None, device: str | torch.device | None = None) -> PreTrainedModel:
     """A plain (dequantised) causal LM. A GGUF file is dequantised by transformers and rebuilt without its
-    ``quantization_config`` so that it behaves, trains and saves like any Hugging Face model."""
+    ``quantization_config`` so that it behaves, trains and saves like any Hugging Face model.
+
+    ``quantize`` (nf4 | fp4 | int8) loads the linears quantized with bitsandbytes, on ``device`` (default: CPU),
+    the 4-bit ones computing in ``bnb_compute_dtype`` (default: ``dtype``); see `loramoe.quantization`."""
     path = Path(resolve_model_path(name_or_path))
     if not path.exists():
         raise FileNotFoundError(f"Base model {path} not found (expected a Hugging Face model directory or a .gguf file).")
@@ -51,14 +58,22 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
         model.load_state_dict(loaded.state_dict())
         model.config.name_or_path = str(path)
         del loaded
+        if quantize:
+            model = quantization.quantize_model(model, quantize, bnb_compute_dtype, device)
+    elif quantize:
+        model = quantization.load_quantized(str(path), quantize, bnb_compute_dtype, dtype, device)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if device is not None and not quantize:
+        model.to(device)
     return model.eval()
 
 
-def load_model(base: str, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Base model plus, if given, a PEFT adapter directory (LoRA or LoRAMoE; both load with PeftModel)."""
-    model = load_base_model(base, dtype)
+def load_model(base: str, adapter: str | None = None, dtype: torch.dtype = torch.float32,
+               **base_options: Any) -> PreTrainedModel:
+    """Base model plus, if given, a PEFT adapter directory (LoRA or LoRAMoE; both load with PeftModel).
+    ``base_options``: `load_base_model`'s ``quantize``, ``bnb_compute_dtype`` and ``device``."""
+    model = load_base_model(base, dtype, **base_options)
     if adapter is None:
         return model
     from peft import PeftModel
