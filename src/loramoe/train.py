@@ -33,6 +33,8 @@ import yaml
 from torch import nn
 
 from .data import DataError, InstructionCollator, InstructionDataset, load_instruction_data
+from .quantization import COMPUTE_DTYPES, QUANTIZE, prepare_for_training
+from .quantization import check_options as check_quantization
 
 METHODS = ("loramoe", "lora", "full")
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -40,6 +42,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Settings that fix what a checkpoint's step means; resuming with other values would not continue the same run.
 RESUME_INVARIANTS = (
     "method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "knowledge_experts", "target_modules",
+    "quantize", "bnb_compute_dtype",
 )  # fmt: skip
 
 
@@ -81,6 +84,8 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (weights stay fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
     fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
+    quantize: str | None = field(default=None, metadata={"help": "frozen base in nf4 | fp4 | int8 (bitsandbytes, QLoRA)"})
+    bnb_compute_dtype: str | None = field(default=None, metadata={"help": "dtype of 4-bit matmuls (default: float32)"})
     # bookkeeping
     save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (0 = only the final save)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
@@ -113,6 +118,10 @@ class TrainConfig:
         for ok, key, expected in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
+        check_quantization(self.quantize, self.bnb_compute_dtype)
+        if self.quantize and (self.method == "full" or self.fsdp):
+            raise ValueError(f"quantize: {self.quantize!r} with {'--fsdp' if self.fsdp else 'method full'} (expected "
+                             "method loramoe or lora without --fsdp: a quantized base is frozen and not sharded here)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -533,8 +542,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         acc.print(f"data: {data.report.summary()}")
         collate = InstructionCollator(tokenizer.pad_token_id)
 
-        model = model if model is not None else load_base_model(cfg.model)
-        model = prepare_model(model, cfg)
+        if model is None:
+            model = load_base_model(cfg.model, quantize=cfg.quantize, bnb_compute_dtype=cfg.bnb_compute_dtype,
+                                    device=acc.device if cfg.quantize else None)  # fmt: skip
+        model = prepare_model(prepare_for_training(model, cfg.method, cfg.quantize, cfg.bnb_compute_dtype), cfg)
         if cfg.gradient_checkpointing:  # non-reentrant: reentrant checkpointing would drop the LBC's gradient
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -700,7 +711,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, nargs="+", metavar="PATH[:WEIGHT]" if f.name == "data" else "NAME", **common)
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            choices = {"method": METHODS, "scheduler": tuple(SCHEDULERS), "blc_mode": ("own_group", "reference")}
+            choices = {"method": METHODS, "scheduler": tuple(SCHEDULERS), "blc_mode": ("own_group", "reference"),
+                       "quantize": QUANTIZE, "bnb_compute_dtype": COMPUTE_DTYPES}  # fmt: skip
             parser.add_argument(*flags, type=base, choices=choices.get(f.name), **common)
 
 

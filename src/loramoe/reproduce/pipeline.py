@@ -64,6 +64,20 @@ class Preset:
     # CPU threads for torch. A model this small gains nothing from more, and on a shared machine several busy
     # processes with 2+ spinning OpenMP threads each were 10x slower per step than with 1 (measured). None: torch's.
     threads: int | None = 1
+    quantize: str | None = None  # nf4 | fp4 | int8: every method's base quantized (bitsandbytes); no full SFT then
+    bnb_compute_dtype: str | None = None
+
+
+def load_base(preset: Preset) -> tuple[Any, Any]:
+    """(base model, tokenizer) of ``preset``, the base quantized in memory when the preset says so (on the
+    device training will use: a quantized model is not moved after loading)."""
+    base, tokenizer = preset.load()
+    if preset.quantize:
+        from ..quantization import quantize_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = quantize_model(base, preset.quantize, preset.bnb_compute_dtype, device)
+    return base, tokenizer
 
 
 @dataclass
@@ -178,7 +192,7 @@ def train_config(plan: Plan, method: str, scale: float, seed: int, data: Experim
         num_experts=p.num_experts, r=p.r, lora_alpha=p.lora_alpha, max_seq_len=p.max_seq_len,
         blc_weight=p.lbc_beta if method == "loramoe_lbc" else 0.0, blc_alpha=p.lbc_delta,
         target_modules=list(p.target_modules) if p.target_modules else None,
-        progress=False, overwrite=True, log_every=10,
+        quantize=p.quantize, bnb_compute_dtype=p.bnb_compute_dtype, progress=False, overwrite=True, log_every=10,
     )  # fmt: skip
 
 
@@ -243,7 +257,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     plan.out.mkdir(parents=True, exist_ok=True)
     if plan.preset.threads:
         torch.set_num_threads(plan.preset.threads)
-    base, tokenizer = plan.preset.load()
+    base, tokenizer = load_base(plan.preset)
     data = build_data(plan.preset, plan.scales, plan.out, tokenizer)
     steps = planned_steps(plan, data)
     test = load_tasks(data.test_files)
