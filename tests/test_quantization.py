@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import peft
 import pytest
@@ -451,3 +452,19 @@ def test_smollm2_gguf_base_loads_in_nf4_and_still_knows_paris():
     expected = logits(base, ids)
     assert tokenizer.decode(expected[0, -1].argmax()) == " Paris"
     assert torch.equal(logits(loramoe(base), ids), expected)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_quantized_load_lets_go_of_the_checkpoint_and_keeps_ties(tmp_path, quantize):
+    """Full-precision parts get memory of their own: the checkpoint file is no longer mapped (else the pages
+    quantization read stay resident); GPT-2's tied embedding and head stay one tensor."""
+    small_model("gpt2").save_pretrained(tmp_path)
+    model = load_base_model(str(tmp_path), quantize=quantize)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(tmp_path / "model.safetensors") not in maps.read_text()
+    plain = load_base_model(str(tmp_path))
+    shared = {t.untyped_storage().data_ptr() for t in plain.state_dict().values()}
+    copied = quantize_model(plain, quantize)
+    assert not any(t.untyped_storage().data_ptr() in shared for t in copied.state_dict().values())

@@ -79,7 +79,7 @@ def load_quantized(path: str, quantize: str, compute_dtype: str | None = None, d
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=bnb_config(quantize, compute_dtype, dtype), device_map=_device_map(device)
     )
-    return keep_weights_unpacked(model)
+    return keep_weights_unpacked(_own_unquantized_tensors(model))
 
 
 def quantize_model(model: nn.Module, quantize: str, compute_dtype: str | None = None,
@@ -99,7 +99,26 @@ def quantize_model(model: nn.Module, quantize: str, compute_dtype: str | None = 
         quantization_config=bnb_config(quantize, compute_dtype, dtype), device_map=_device_map(device),
     )  # fmt: skip
     quantized.config.name_or_path = model.config.name_or_path
-    return keep_weights_unpacked(quantized.train(model.training))
+    return keep_weights_unpacked(_own_unquantized_tensors(quantized).train(model.training))
+
+
+def _own_unquantized_tensors(model: nn.Module) -> nn.Module:
+    """Give the parameters and buffers left in full precision (embeddings, norms, head) memory of their own.
+
+    transformers leaves them as views of their source: the checkpoint's memory map (or, in `quantize_model`, the
+    full-precision model's tensors). A view of the map keeps the whole file mapped, and the pages that
+    quantization read (every full-precision weight) stay resident: measured, a 2-layer 2048/5632 Llama loaded in
+    NF4 held 455 MB of file pages instead of 102 MB. Tied weights stay tied (one Parameter object, copied once).
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype.is_floating_point:
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.dtype.is_floating_point:
+                    module._buffers[name] = buffer.clone()
+    return model
 
 
 # ---- what a model holds ----------------------------------------------------------------------------------------
