@@ -41,6 +41,7 @@ bnb = pytest.importorskip("bitsandbytes")
 # On a machine with a GPU the acceptance tests also run on CUDA, where bitsandbytes uses other kernels.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 CASES = [(arch, q, d) for d in DEVICES for arch in ("llama", "gpt2") for q in ("nf4", "int8")]
+CASES += [("llama", "fp4", d) for d in DEVICES]
 IDS = ["-".join(case) for case in CASES]
 
 
@@ -468,3 +469,14 @@ def test_a_quantized_load_lets_go_of_the_checkpoint_and_keeps_ties(tmp_path, qua
     shared = {t.untyped_storage().data_ptr() for t in plain.state_dict().values()}
     copied = quantize_model(plain, quantize)
     assert not any(t.untyped_storage().data_ptr() in shared for t in copied.state_dict().values())
+
+
+def test_4bit_layers_compute_in_the_chosen_dtype(saved, ids):
+    base = load_base_model(saved["llama"], quantize="nf4", bnb_compute_dtype="bfloat16")
+    assert {m.compute_dtype for m in base.modules() if layer_quantization(m)} == {torch.bfloat16}
+    expected = logits(base, ids)
+    assert not torch.equal(expected, logits(load_base_model(saved["llama"], quantize="nf4"), ids))  # it is applied
+    prepare_for_training(base, "loramoe", "nf4", "bfloat16")
+    with pytest.raises(ValueError, match=r"bnb_compute_dtype: the run says 'float16'"):
+        prepare_for_training(base, "loramoe", "nf4", "float16")
+    assert torch.equal(logits(loramoe(base), ids), expected)
