@@ -8,11 +8,17 @@ Constraint) for Hugging Face causal LMs, registered as a PEFT method.
 
 from __future__ import annotations
 
-from ._registration import register
-from .balance import group_coefficients, importance, localized_balancing_loss
-from .config import LoraMoeConfig
-from .layer import Linear, LoraMoeLayer, mix_experts
-from .model import LoraMoeModel, RoutingRecord, default_target_modules
+import logging
+
+# bitsandbytes (imported by peft when installed) warns at import, on CPUs with AVX512-BF16, that it could not fetch
+# an optional kernel from the Hub. loramoe never fetches anything, and the line would break the CLI's one-line errors.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from ._registration import register  # noqa: E402
+from .balance import group_coefficients, importance, localized_balancing_loss  # noqa: E402
+from .config import LoraMoeConfig  # noqa: E402
+from .layer import Linear, LoraMoeLayer, mix_experts  # noqa: E402
+from .model import LoraMoeModel, RoutingRecord, default_target_modules  # noqa: E402
 
 register()
 

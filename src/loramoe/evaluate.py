@@ -446,9 +446,12 @@ def configure_parser(parser) -> None:
 
 
 def add_model_options(parser) -> None:
-    """--device and --dtype, shared with `loramoe routes`."""
+    """--device, --dtype, --quantize and --bnb-compute-dtype, shared with `loramoe routes`."""
+    from .quantization import add_cli_options
+
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_cli_options(parser)
 
 
 def load_for_cli(args) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -456,7 +459,8 @@ def load_for_cli(args) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     from .loading import load_model, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.base, args.adapter, dtype=getattr(torch, args.dtype)).to(device)
+    model = load_model(args.base, args.adapter, dtype=getattr(torch, args.dtype), quantize=args.quantize,
+                       bnb_compute_dtype=args.bnb_compute_dtype, device=device)  # fmt: skip
     return model, load_tokenizer(args.tokenizer or args.base)
 
 
@@ -478,7 +482,8 @@ def run(args) -> int:
     model, tokenizer = load_for_cli(args)
     report = evaluate(model, tokenizer, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       stop=stop, progress=not args.no_progress)
-    report.settings.update(base=args.base, adapter=args.adapter, tasks=[str(p) for p in args.tasks], limit=args.limit)
+    report.settings.update(base=args.base, adapter=args.adapter, tasks=[str(p) for p in args.tasks], limit=args.limit,
+                           quantize=args.quantize)  # fmt: skip
     out.create().record(EVAL_FILES)
     paths = report.save(out.path)
     print(report.to_markdown())

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .config import LoraMoeConfig
+from .quantization import check_base_layer
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -136,11 +136,15 @@ def _inplace_root(residual: torch.Tensor) -> torch.Tensor | None:
     A linear's output on 3-D input is a reshaping view of a 2-D product. Autograd handles an in-place update of
     a view by copying the whole gradient in backward (CopySlices), so the update goes to the owner, and the
     caller reshapes the result afresh. Under torch.compile the out-of-place form is left to the compiler.
+
+    A view made inside a custom autograd Function (bitsandbytes' int8 matmul returns one, and its 4-bit matmul
+    with a bias) has an owner outside the graph: updating that owner would bypass the Function's backward and
+    lose the base's input gradient.
     """
     if torch.compiler.is_compiling():
         return None
     root = residual._base if residual._is_view() else residual
-    if root.is_leaf and root.requires_grad:
+    if (root.is_leaf and root.requires_grad) or root.requires_grad != residual.requires_grad:
         return None
     same_memory = root.numel() == residual.numel() and root.storage_offset() == residual.storage_offset()
     if not (same_memory and root.is_contiguous() and residual.is_contiguous()):
@@ -214,12 +218,11 @@ class LoraMoeLayer(BaseTunerLayer):
         self._capture_sink: list[torch.Tensor] | None = None
 
         base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
+        check_base_layer(base, "base_layer")
+        if isinstance(base, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
             self.in_features, self.out_features = base.in_features, base.out_features
-        elif isinstance(base, Conv1D):  # GPT-2 style: weight is (in, out)
+        else:  # GPT-2's Conv1D: weight is (in, out)
             self.in_features, self.out_features = base.weight.shape
-        else:
-            raise TypeError(f"LoRAMoE wraps nn.Linear or transformers Conv1D, not {type(base).__name__}.")
 
     def update_layer(self, adapter_name: str, config: LoraMoeConfig) -> None:
         n, r = config.num_experts, config.r

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import quantization
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_EXPECTED = "expected a Hugging Face model folder, a .gguf file or 'smollm2'"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -70,9 +72,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, quantize: str | None = None,
+                    bnb_compute_dtype: str | None = None, device: str | torch.device | None = None) -> PreTrainedModel:
     """A plain (dequantised) causal LM. A GGUF file is dequantised by transformers and rebuilt without its
-    ``quantization_config`` so that it behaves, trains and saves like any Hugging Face model."""
+    ``quantization_config`` so that it behaves, trains and saves like any Hugging Face model.
+
+    ``quantize`` (nf4 | fp4 | int8) loads the linears quantized with bitsandbytes, on ``device`` (default: CPU),
+    the 4-bit ones computing in ``bnb_compute_dtype`` (default: ``dtype``); see `loramoe.quantization`."""
     path = local_model_path(name_or_path)
     if path.suffix == ".gguf":
         loaded = _loads(path, "model", lambda: AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype))
@@ -83,8 +89,14 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
         model.load_state_dict(loaded.state_dict())
         model.config.name_or_path = str(path)
         del loaded
+        if quantize:
+            model = quantization.quantize_model(model, quantize, bnb_compute_dtype, device)
+    elif quantize:
+        model = quantization.load_quantized(str(path), quantize, bnb_compute_dtype, dtype, device)
     else:
         model = _loads(path, "model", lambda: AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
+    if device is not None and not quantize:
+        model.to(device)
     return model.eval()
 
 
@@ -103,11 +115,13 @@ def check_adapter_dir(adapter: str | Path) -> Path:
     return path
 
 
-def load_model(base: str, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Base model plus, if given, a PEFT adapter directory (LoRA or LoRAMoE; both load with PeftModel)."""
+def load_model(base: str, adapter: str | None = None, dtype: torch.dtype = torch.float32,
+               **base_options: Any) -> PreTrainedModel:
+    """Base model plus, if given, a PEFT adapter directory (LoRA or LoRAMoE; both load with PeftModel).
+    ``base_options``: `load_base_model`'s ``quantize``, ``bnb_compute_dtype`` and ``device``."""
     if adapter is not None:
         check_adapter_dir(adapter)
-    model = load_base_model(base, dtype)
+    model = load_base_model(base, dtype, **base_options)
     if adapter is None:
         return model
     from peft import PeftModel

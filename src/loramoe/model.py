@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from .balance import importance, localized_balancing_loss
 from .config import DEFAULT_TARGET_MODULES, LoraMoeConfig
 from .layer import Linear, LoraMoeLayer
+from .quantization import check_base_layer, keep_weights_unpacked
 
 _FFN_PARENTS = ("mlp", "feed_forward", "ffn", "ff")
 
@@ -84,7 +85,9 @@ class LoraMoeModel(BaseTuner):
 
     # ---- injection -------------------------------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: LoraMoeConfig, adapter_name: str) -> None:
-        """Resolve default targets (or infer FFN linears) and fail early, listing what exists, if none match."""
+        """Resolve default targets (or infer FFN linears) and fail early, listing what exists, if none match, or
+        naming the type of a target that cannot be wrapped (e.g. a quantized linear of an unsupported kind)."""
+        keep_weights_unpacked(model)
         if config.target_modules is None:
             targets = default_target_modules(model)
             if not targets:
@@ -94,6 +97,9 @@ class LoraMoeModel(BaseTuner):
                     f"{model_type!r}; set target_modules. Linear modules: {self._name_summary(model)}"
                 )
             config.target_modules = targets
+        for name, module in model.named_modules():
+            if check_target_module_exists(config, name) and not isinstance(module, BaseTunerLayer):
+                check_base_layer(module, name)
         if not any(check_target_module_exists(config, n) for n in _linear_names(model)):
             raise ValueError(
                 f"LoraMoeConfig.target_modules={config.target_modules!r} matches no nn.Linear/Conv1D module of "
@@ -119,11 +125,6 @@ class LoraMoeModel(BaseTuner):
         if isinstance(target, LoraMoeLayer):
             target.update_layer(adapter_name, config)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, (nn.Linear, Conv1D)):
-            raise TypeError(
-                f"LoRAMoE target {current_key!r} is a {type(base).__name__}; only nn.Linear and Conv1D are supported."
-            )
         new_module = Linear(target, adapter_name, config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

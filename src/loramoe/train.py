@@ -54,6 +54,8 @@ from .data import InstructionCollator, InstructionDataset, check_task_type_names
 from .errors import RunStopped
 from .loading import model_folder
 from .outputs import OutputDir, write_json
+from .quantization import COMPUTE_DTYPES, QUANTIZE, prepare_for_training
+from .quantization import check_options as check_quantization
 
 METHODS = ("loramoe", "lora", "full")
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -61,7 +63,7 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 # and the adapter's shape and scale); resuming with other values would not continue the same run.
 RESUME_INVARIANTS = (
     "method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "lora_alpha", "knowledge_experts",
-    "target_modules",
+    "target_modules", "quantize", "bnb_compute_dtype",
 )  # fmt: skip
 # How to run, not what to train: never compared on resume.
 RUN_CONTROLS = ("resume", "overwrite", "progress")
@@ -108,6 +110,8 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (weights stay fp32)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
     fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
+    quantize: str | None = field(default=None, metadata={"help": "frozen base in nf4 | fp4 | int8 (bitsandbytes, QLoRA)"})
+    bnb_compute_dtype: str | None = field(default=None, metadata={"help": "dtype of 4-bit matmuls (default: float32)"})
     # bookkeeping
     save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (0 = only the final save)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
@@ -141,6 +145,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
         check_task_type_names(self.task_type_names)
+        check_quantization(self.quantize, self.bnb_compute_dtype)
+        if self.quantize and (self.method == "full" or self.fsdp):
+            raise ValueError(f"quantize: {self.quantize!r} with {'--fsdp' if self.fsdp else 'method full'} (expected "
+                             "method loramoe or lora without --fsdp: a quantized base is frozen and not sharded here)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -487,8 +495,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                              "appear as 'task_type' in the --data or --eval-file records)")  # fmt: skip
         collate = InstructionCollator(tokenizer.pad_token_id)
 
-        model = model if model is not None else load_base_model(cfg.model)
-        model = prepare_model(model, cfg)
+        if model is None:
+            model = load_base_model(cfg.model, quantize=cfg.quantize, bnb_compute_dtype=cfg.bnb_compute_dtype,
+                                    device=acc.device if cfg.quantize else None)  # fmt: skip
+        model = prepare_model(prepare_for_training(model, cfg.method, cfg.quantize, cfg.bnb_compute_dtype), cfg)
         if cfg.gradient_checkpointing:  # non-reentrant: reentrant checkpointing would drop the LBC's gradient
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -696,7 +706,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, nargs="+", metavar="PATH[:WEIGHT]" if f.name == "data" else "NAME", **common)
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            choices = {"method": METHODS, "scheduler": tuple(SCHEDULERS), "blc_mode": ("own_group", "reference")}
+            choices = {"method": METHODS, "scheduler": tuple(SCHEDULERS), "blc_mode": ("own_group", "reference"),
+                       "quantize": QUANTIZE, "bnb_compute_dtype": COMPUTE_DTYPES}  # fmt: skip
             parser.add_argument(*flags, type=base, choices=choices.get(f.name), **common)
 
 

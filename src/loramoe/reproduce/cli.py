@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..quantization import add_cli_options as add_quantize_options
 from .pipeline import ADAPTER_METHODS, METHODS, Plan, open_out, run_experiment, with_overrides
 from .presets import PRESETS, TINY_BASE, smollm2_preset, tiny_preset
 from .report import summarise, to_markdown, write_report
@@ -38,7 +39,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output directory")
     parser.add_argument("--seeds", type=int, default=1, help="repeat every method with seeds 0..N-1 (mean ± std)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="data scales (default: the preset's)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                        help="methods to run (default: all; with --quantize all but sft)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps of every run (default: the preset's epochs over each scale's data)")
     parser.add_argument("--base", type=Path, default=TINY_BASE, help="tiny preset: the pre-trained base directory")
@@ -55,12 +57,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "scored format-free and in-format for every method")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="override the preset's value")
+    add_quantize_options(parser)
+
+
+def methods_to_run(requested: list[str] | None, quantize: str | None) -> list[str]:
+    """The methods asked for (default: all). Full SFT cannot train a quantized base: left out of the default
+    list with a note, refused when asked for by name."""
+    methods = list(requested or METHODS)
+    if quantize and "sft" in methods:
+        if requested:
+            raise ValueError(f"--methods: sft (full fine-tuning) cannot train a {quantize} base (expected the "
+                             "adapter methods only with --quantize: base lora loramoe loramoe_lbc)")  # fmt: skip
+        methods.remove("sft")
+        print(f"--quantize {quantize}: sft left out (full fine-tuning cannot train quantized weights)")
+    return methods
 
 
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
-    changes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in (*OVERRIDES, "quantize", "bnb_compute_dtype") if getattr(args, k) is not None}
     if args.target_modules:
         changes["target_modules"] = tuple(args.target_modules)
     preset = tiny_preset(args.base, **changes) if args.preset == "tiny" else smollm2_preset(**changes)
@@ -75,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         open_out(args.out, (f"sweep_{args.sweep}",), preset)
         run_sweep(args.sweep, preset, args.out / f"sweep_{args.sweep}", list(range(args.seeds)), max(scales), args.steps)
         return 0
-    plan = Plan(preset, args.out, list(range(args.seeds)), scales, args.methods, args.steps,
+    plan = Plan(preset, args.out, list(range(args.seeds)), scales, methods_to_run(args.methods, args.quantize), args.steps,
                 knowledge_test=args.knowledge_test)
     raw = run_experiment(plan)
     (args.out / "raw_results.json").write_text(json.dumps(raw, indent=1) + "\n")

@@ -86,12 +86,26 @@ class Preset:
     # CPU threads for torch. A model this small gains nothing from more, and on a shared machine several busy
     # processes with 2+ spinning OpenMP threads each were 10x slower per step than with 1 (measured). None: torch's.
     threads: int | None = 1
+    quantize: str | None = None  # nf4 | fp4 | int8: every method's base quantized (bitsandbytes); no full SFT then
+    bnb_compute_dtype: str | None = None
 
     def lrs(self, method: str) -> tuple[float, ...]:
         """The learning rates ``method`` trains at."""
         if method in self.lr_grid:
             return tuple(self.lr_grid[method])
         return (self.lr_full if method == "sft" else self.lr_adapter,)
+
+
+def load_base(preset: Preset) -> tuple[Any, Any]:
+    """(base model, tokenizer) of ``preset``, the base quantized in memory when the preset says so (on the
+    device training will use: a quantized model is not moved after loading)."""
+    base, tokenizer = preset.load()
+    if preset.quantize:
+        from ..quantization import quantize_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = quantize_model(base, preset.quantize, preset.bnb_compute_dtype, device)
+    return base, tokenizer
 
 
 @dataclass
@@ -231,7 +245,7 @@ def train_config(plan: Plan, method: str, scale: float, lr: float, seed: int, da
         num_experts=p.num_experts, r=p.r, lora_alpha=p.lora_alpha, max_seq_len=p.max_seq_len,
         blc_weight=p.lbc_beta if method == "loramoe_lbc" else 0.0, blc_alpha=p.lbc_delta,
         target_modules=list(p.target_modules) if p.target_modules else None,
-        progress=False, overwrite=True, log_every=10,
+        quantize=p.quantize, bnb_compute_dtype=p.bnb_compute_dtype, progress=False, overwrite=True, log_every=10,
     )  # fmt: skip
 
 
@@ -352,7 +366,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     open_out(plan.out, OUTPUTS, p)
     if p.threads:
         torch.set_num_threads(p.threads)
-    base, tokenizer = p.load()
+    base, tokenizer = load_base(p)
     extra = None
     if plan.knowledge_test is not None:
         extra = load_probe(plan.knowledge_test)

@@ -28,6 +28,7 @@ from .pipeline import (
     Preset,
     build_data,
     config_defaults,
+    load_base,
     open_out,
     planned_steps,
     scorer,
@@ -87,7 +88,7 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
         torch.set_num_threads(preset.threads)
     scale = max(preset.scales) if scale is None else scale
     points = settings(sweep, preset)
-    base, tokenizer = preset.load()
+    base, tokenizer = load_base(preset)
     data = build_data(preset, [scale], out / "work", tokenizer)
     n_steps = planned_steps(Plan(preset, out, seeds, [scale], [], steps), data)[scale]
     test = load_tasks(data.test_files)
