@@ -10,6 +10,9 @@ Two record formats, one per line of a JSON-lines file or one per element of a JS
 Labels are -100 on the prompt. ``task_type`` is 1 (world knowledge), 0 (downstream), -1 (untyped), or a name
 looked up in ``task_type_names``. Every problem names the file and line; with ``skip_bad`` the sample is
 skipped and listed in the report instead, never dropped silently.
+
+Records may also come from Hugging Face ``datasets`` sources (``save_to_disk`` folders, .parquet, .arrow, Hub ids;
+see `loramoe.sources`): the same columns, the row index in place of the line number.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .balance import DOWNSTREAM, KNOWLEDGE, UNTYPED
+from .sources import SourceError, check_split, is_dataset_source, read_rows
 
 IGNORE_INDEX = -100
 DEFAULT_TASK_TYPE_NAMES = {"knowledge": KNOWLEDGE, "downstream": DOWNSTREAM, "untyped": UNTYPED}
@@ -145,13 +149,21 @@ class InstructionCollator:
 # ---- reading files ---------------------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
-    """``([(line, record)], [(line, problem)])`` from a JSON list or a JSON-lines file.
+def read_records(
+    path: str | Path, split: str | None = None, default_split: str | None = "train"
+) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """``([(line, record)], [(line, problem)])`` from a JSON list or a JSON-lines file, or the rows of a
+    ``datasets`` source (`loramoe.sources.read_rows`; ``split`` else ``default_split`` for a DatasetDict or Hub id).
 
     A broken JSON-lines record is a per-line problem (skippable); a broken JSON list, an empty file or an
     unreadable one raises `DataError`, since nothing after the break can be located.
     """
     path = Path(path)
+    if is_dataset_source(path):
+        try:
+            return read_rows(path, split, default_split), []
+        except SourceError as e:
+            raise DataError(e.location, None, e.reason) from None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -332,12 +344,15 @@ def load_instruction_data(
     task_type_names: dict[str, int] | None = None,
     skip_bad: bool = False,
     seed: int = 0,
+    split: str | None = None,
+    default_split: str | None = "train",
 ) -> InstructionDataset:
     """Read, validate, tokenise and mix instruction files.
 
     ``files``: paths or ``(path, weight)`` pairs; a weight w takes each file w times (2.0 = every sample twice,
     0.5 = a seeded half). ``task_type_names`` maps names to types, on top of knowledge/downstream/untyped.
     ``skip_bad``: skip bad records (listed in ``dataset.report``) instead of raising `DataError`.
+    ``split`` (else ``default_split``): the split of the DatasetDict folders and Hub ids among ``files``.
     """
     if isinstance(files, (str, Path, tuple)):
         files = [files]
@@ -347,6 +362,8 @@ def load_instruction_data(
     for name, value in names.items():
         if value not in (KNOWLEDGE, DOWNSTREAM, UNTYPED):
             raise ValueError(f"task_type_names[{name!r}]={value!r}: expected 1, 0 or -1.")
+    files = list(files)
+    check_split([parse_data_spec(spec)[0] for spec in files], split)
     report = DataReport(max_seq_len=max_seq_len)
     samples: list[Sample] = []
     for index, spec in enumerate(files):
@@ -354,9 +371,10 @@ def load_instruction_data(
         file_report = FileReport(str(path), weight)
         report.files.append(file_report)
         try:
-            records, problems = read_records(path)
+            records, problems = read_records(path, split, default_split)
         except DataError as e:
-            if not skip_bad or not str(e.reason).startswith(("file is empty", "the JSON list is empty")):
+            empty = ("file is empty", "the JSON list is empty", "the dataset is empty")
+            if not skip_bad or not str(e.reason).startswith(empty):
                 raise
             file_report.skipped.append(str(e))
             continue

@@ -2,7 +2,8 @@
 alias) and multiple-choice tasks by length-normalised log-likelihood (accuracy). This is how the method's two
 claims are measured: world knowledge kept, downstream skill gained.
 
-Task files are JSON lines, one sample per line (blank lines are skipped)::
+Task files are JSON lines, one sample per line (blank lines are skipped), or Hugging Face ``datasets`` sources
+with these columns (``save_to_disk`` folders, .parquet, .arrow, Hub ids; see `loramoe.sources`)::
 
     {"task": "triviaqa", "type": "generate", "prompt": "Q: ...\\nA:", "answers": ["Paris", "Paris, France"]}
     {"task": "nli", "type": "choice", "prompt": "... Entailed?", "choices": [" yes", " no"], "answer": 0}
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from .sources import SourceError, check_split, is_dataset_source, read_rows
 
 MAIN_METRIC = {"generate": "exact_match", "choice": "accuracy"}
 _REQUIRED = {"generate": ("prompt", "answers"), "choice": ("prompt", "choices", "answer")}
@@ -114,27 +117,43 @@ def check_task_types(samples: Iterable[EvalSample]) -> None:
             )
 
 
-def load_tasks(paths: str | Path | Iterable[str | Path], limit: int | None = None) -> list[EvalSample]:
-    """Read JSON-lines task files (format in the module docstring). ``limit`` keeps the first ``limit``
-    samples of each task, in file order. Errors name the file and line."""
+def _records(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` of a JSON-lines task file (blank lines skipped) or of a ``datasets`` source."""
+    if is_dataset_source(path):
+        try:
+            rows = read_rows(path, split)
+        except SourceError as e:
+            raise TaskFileError(str(e)) from None
+        yield from ((f"{path}:{row}", record) for row, record in rows)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"Task file {path} not found.")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskFileError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            yield where, record
+
+
+def load_tasks(
+    paths: str | Path | Iterable[str | Path], limit: int | None = None, split: str | None = None
+) -> list[EvalSample]:
+    """Read task files (format in the module docstring): JSON lines, or ``datasets`` sources with the same
+    columns (`loramoe.sources`; ``split`` chooses the part of a DatasetDict or Hub dataset). ``limit`` keeps the
+    first ``limit`` samples of each task, in file order. Errors name the file and line (or row)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("load_tasks: no task files given.")
+    check_split(paths, split)
     samples: list[EvalSample] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"Task file {path} not found.")
         before = len(samples)
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskFileError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-                samples.append(_parse_record(record, where, path.stem))
+        samples += [_parse_record(record, where, path.stem) for where, record in _records(path, split)]
         if len(samples) == before:
             raise TaskFileError(f"{path}: no records (expected one JSON object per line).")
     check_task_types(samples)
@@ -461,7 +480,10 @@ def configure_parser(parser) -> None:
                         help="base model: Hugging Face directory, .gguf file, 'smollm2', or a fully fine-tuned checkpoint")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory (LoRA or LoRAMoE) to put on the base")
     parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --base)")
-    parser.add_argument("--tasks", nargs="+", required=True, help="JSON-lines task files (see docs/evaluation.md)")
+    parser.add_argument("--tasks", nargs="+", required=True,
+                        help="task files: JSON lines, or datasets sources (a save_to_disk folder, .parquet, .arrow, "
+                             "a Hub id); see docs/evaluation.md")
+    add_split_option(parser)
     parser.add_argument("--out", required=True, help="output directory for eval.json, eval.md, predictions.jsonl")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -471,6 +493,12 @@ def configure_parser(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N samples of each task")
     add_model_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_split_option(parser) -> None:
+    """--data-split, shared with `loramoe routes`."""
+    parser.add_argument("--data-split", default=None,
+                        help="split of a DatasetDict folder or Hub dataset given in --tasks (needed when it has several)")
 
 
 def add_model_options(parser) -> None:
@@ -490,7 +518,7 @@ def load_for_cli(args) -> tuple[nn.Module, PreTrainedTokenizerBase]:
 
 def run(args) -> int:
     stop = ["\n"] if args.stop is None else [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    samples = load_tasks(args.tasks, limit=args.limit)
+    samples = load_tasks(args.tasks, limit=args.limit, split=args.data_split)
     model, tokenizer = load_for_cli(args)
     report = evaluate(model, tokenizer, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       stop=stop, progress=not args.no_progress)
