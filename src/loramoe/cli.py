@@ -1,5 +1,6 @@
 """`loramoe` command line: a thin shell over the Python API. Each command lives in its own module, which
-provides ``configure_parser(parser)`` and ``run(args) -> int``; only the chosen command's module is imported."""
+provides ``configure_parser(parser)`` and ``run(args) -> int``, or ``run_argv(argv) -> int`` that takes the
+command's arguments unparsed; only the chosen command's module is imported."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("loramoe.evaluate", "score a model (base, base + adapter, or full checkpoint) on JSON-lines task files"),
     "routes": ("loramoe.routing", "mean router weight per expert group, dataset and layer of a LoRAMoE model (JSON + PNG)"),
     "reproduce": ("loramoe.reproduce.cli", "the paper's experiment in miniature: forgetting under SFT, LoRAMoE's cure"),
+    "lm-eval": ("loramoe.lm_eval", "lm-evaluation-harness with LoRAMoE registered; make-task: task files as lm-eval tasks"),
 }
 
 
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
+        if hasattr(module, "run_argv"):  # a thin entry into another tool's command line: its arguments, unparsed
+            return int(module.run_argv(argv[1:]) or 0)
         module.configure_parser(subparsers[argv[0]])
     args = parser.parse_args(argv)
     return int(module.run(args) or 0)
