@@ -7,7 +7,7 @@ install:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,lm-eval,datasets,trl]" torch==2.13.0
 
 test:
 	$(PY) -m pytest -q -n 2

@@ -275,8 +275,7 @@ def test_users_generate_with_greedy_generation_config_matches_eval(word_tokenize
                                                eos_token_id=1, pad_token_id=0)
     samples = [EvalSample(task="cbqa", type="generate", prompt=p, answers=["paris"]) for p in _CAPITAL_PROMPTS]
     report = evaluate(model, word_tokenizer, samples, batch_size=3, max_new_tokens=8, progress=False)
-    word_tokenizer.padding_side = "left"
-    batch = word_tokenizer(_CAPITAL_PROMPTS, return_tensors="pt", padding=True)
+    batch = word_tokenizer(_CAPITAL_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
 
     def decode(out: torch.Tensor) -> list[str]:
         texts = word_tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
