@@ -111,6 +111,18 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
         ("missing base", ["--base", "{root}/nowhere", "--out", "{root}/repro"], "{root}/nowhere"),
         ("no seeds", ["--seeds", "0", "--out", "{root}/repro"], "--seeds: must be >= 1"),
         ("bad method", ["--methods", "magic"], "argument --methods: invalid choice: 'magic'"),
+        ("bad lr grid", ["--lr-grid", "lora=fast", "--out", "{root}/repro"], "'lora=fast': learning rates must be numbers"),
+        ("lr grid of no method", ["--lr-grid", "base=1e-3", "--out", "{root}/repro"], "'base=1e-3': expected METHOD=LR"),
+        ("missing knowledge test", ["--knowledge-test", "{root}/facts.jsonl", "--scales", "1", "--out", "{root}/repro"],
+         "{root}/facts.jsonl"),
+        ("knowledge test in a sweep", ["--sweep", "rank", "--knowledge-test", "{tasks}", "--out", "{root}/repro"],
+         "--knowledge-test: not used by --sweep"),
+        ("someone's folder", ["--out", "{root}/theirs"], "{root}/theirs: holds files loramoe did not write"),
+    ],
+    "lm-eval": [
+        ("missing task file", ["make-task", "{root}/no.jsonl", "--out", "{root}/lm"], "{root}/no.jsonl: not found"),
+        ("someone's folder", ["make-task", "{tasks}", "--out", "{root}/theirs"], "{root}/theirs: holds files loramoe did not write"),
+        ("no --out", ["make-task", "{tasks}"], "the following arguments are required: --out"),
     ],
 }
 

@@ -270,7 +270,7 @@ def test_per_type_mix_before_and_after_is_reported(tmp_path, byte_tokenizer):
 
 
 def test_a_folder_as_data_is_named(tmp_path, byte_tokenizer):
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: is a folder \(expected a JSON list"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: is a folder, but not one written by Dataset.save_to_disk"):
         load_instruction_data(tmp_path, byte_tokenizer)
 
 

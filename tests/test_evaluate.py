@@ -251,6 +251,76 @@ def test_batched_cached_generation_matches_one_by_one_full_forward(make):
     assert any(len(b) == 7 for b in batched)
 
 
+def _penalty_table() -> torch.Tensor:
+    """"is" -> "paris" -> "the" (2.0, a prompt word) or "city" (1.0) -> "\n": a repetition penalty picks "city"."""
+    table = torch.zeros(len(W), len(W))
+    for a, b, logit in [("is", "paris", 2.0), ("paris", "the", 2.0), ("paris", "city", 1.0), ("the", "\n", 2.0),
+                        ("city", "\n", 2.0)]:
+        table[W[a], W[b]] = logit
+    return table
+
+
+_CAPITAL_PROMPTS = ["the capital of france is", "q : the capital of italy is", "city"]
+
+
+def test_models_own_generation_config_changes_nothing(word_tokenizer):
+    """generate() takes unset settings from model.generation_config: sampling, a repetition penalty, suppressed
+    tokens must not reach `loramoe eval`."""
+    from transformers import GenerationConfig
+
+    samples = [EvalSample(task="cbqa", type="generate", prompt=p, answers=["paris"]) for p in _CAPITAL_PROMPTS]
+    plain = evaluate(bigram_llama(_penalty_table()), word_tokenizer, samples, batch_size=3, progress=False)
+    assert [p["prediction"] for p in plain.predictions] == ["paris the ", "paris the ", ""]
+    model = bigram_llama(_penalty_table())
+    model.generation_config = GenerationConfig(do_sample=True, temperature=50.0, repetition_penalty=10.0,
+                                               suppress_tokens=[W["paris"]], eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    assert evaluate(model, word_tokenizer, samples, batch_size=3, progress=False).predictions == plain.predictions
+    assert model.generation_config.repetition_penalty == 10.0  # restored afterwards
+
+
+def test_users_generate_with_greedy_generation_config_matches_eval(word_tokenizer):
+    from transformers import GenerationConfig
+
+    from loramoe.evaluate import cut_at_stop, greedy_generation_config
+
+    model = bigram_llama(_penalty_table())
+    model.generation_config = GenerationConfig(do_sample=True, temperature=50.0, repetition_penalty=10.0,
+                                               eos_token_id=1, pad_token_id=0)
+    samples = [EvalSample(task="cbqa", type="generate", prompt=p, answers=["paris"]) for p in _CAPITAL_PROMPTS]
+    report = evaluate(model, word_tokenizer, samples, batch_size=3, max_new_tokens=8, progress=False)
+    batch = word_tokenizer(_CAPITAL_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+
+    def decode(out: torch.Tensor) -> list[str]:
+        texts = word_tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [cut_at_stop(t, ["\n"]) for t in texts]
+
+    config = greedy_generation_config(8, word_tokenizer.eos_token_id, word_tokenizer.pad_token_id)
+    ours = model.generate(**batch, generation_config=config)
+    assert decode(ours) == [p["prediction"] for p in report.predictions] == ["paris the ", "paris the ", ""]
+    torch.manual_seed(0)  # the comparison can fail: the model's own config (penalty, sampling) changes the answers
+    assert decode(model.generate(**batch, max_new_tokens=8)) != decode(ours)
+
+
+@pytest.mark.parametrize(("make", "eos", "stop_token"), [(_random_llama, 2, 13), (_random_gpt2, 16, 14)])
+def test_generate_decodes_like_the_loop_it_replaced(make, eos, stop_token):
+    """Since issue 13 `greedy_generate` runs through generate(); the hand-written loop (left padding, positions over
+    real tokens, per-row stop at EOS or ``should_stop``) is kept in the benchmark as the reference."""
+    from benchmarks.generate_vs_loop import loop_greedy_generate
+
+    model = make(seed=4, init=0.2)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, len(W), (n,), generator=g).tolist() for n in (5, 1, 8, 3, 6, 2)]
+
+    def stop(ids: list[int]) -> bool:
+        return ids[-1] == stop_token
+
+    ours = greedy_generate(model, prompts, pad_id=0, eos_id=eos, max_new_tokens=9, should_stop=stop)
+    assert ours == loop_greedy_generate(model, prompts, 0, eos, 9, stop)
+    assert any(o and o[-1] == stop_token for o in ours) and any(len(o) < 9 and stop_token not in o for o in ours)
+    assert any(len(o) == 9 for o in ours)  # rows stopped by should_stop, by EOS, and others ran on to the limit
+
+
 # ---- whole-model identities -----------------------------------------------------------------------------------
 def _mixed_samples() -> list[EvalSample]:
     return [

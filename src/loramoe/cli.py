@@ -1,5 +1,7 @@
 """`loramoe` command line: a thin shell over the Python API. Each command lives in its own module, which
-provides ``configure_parser(parser)`` and ``run(args) -> int``; only the chosen command's module is imported.
+provides ``configure_parser(parser)`` and ``run(args) -> int``, or ``run_argv(argv) -> int`` that takes the
+command's arguments unparsed (a thin entry into another tool's command line); only the chosen command's module is
+imported.
 
 Failures are one line on stderr, for every command (a new entry in `COMMANDS` gets this for free)::
 
@@ -33,13 +35,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("loramoe.evaluate", "score a model (base, base + adapter, or full checkpoint) on JSON-lines task files"),
     "routes": ("loramoe.routing", "mean router weight per expert group, dataset and layer of a LoRAMoE model (JSON + PNG)"),
     "reproduce": ("loramoe.reproduce.cli", "the paper's experiment in miniature: forgetting under SFT, LoRAMoE's cure"),
+    "lm-eval": ("loramoe.lm_eval", "lm-evaluation-harness with LoRAMoE registered; make-task: task files as lm-eval tasks"),
 }
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the usage itself is one ``--help`` away)."""
 
     def error(self, message: str) -> None:
@@ -60,11 +63,21 @@ def _debug(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("LORAMOE_DEBUG", "").lower() in ("1", "true", "yes")
 
 
+def _exit_code(call, argv: list[str]):
+    """``call(argv)``; a usage error or --help (argparse exits: the message is already printed) as its exit code."""
+    try:
+        return call(argv)
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # PEFT 0.21 still calls a transformers API deprecated in 5.x; the warning is noise for CLI users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    parser = _OneLineParser(prog="loramoe", description="LoRAMoE adapters for Hugging Face causal LMs.")
+    parser = OneLineParser(prog="loramoe", description="LoRAMoE adapters for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subparsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in COMMANDS.items()}
     command = argv[0] if argv and argv[0] in COMMANDS else None
@@ -73,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command:
             module = importlib.import_module(COMMANDS[command][0])
+            if hasattr(module, "run_argv"):  # another tool's command line: its arguments, unparsed (--debug is ours)
+                return int(_exit_code(module.run_argv, [a for a in argv[1:] if a != "--debug"]) or 0)
             module.configure_parser(subparsers[command])
             subparsers[command].add_argument("--debug", action="store_true",
                                              help="show the traceback of a failure (or set LORAMOE_DEBUG=1)")  # fmt: skip
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # a usage error (already printed as one line) or --help
-            return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+        args = _exit_code(parser.parse_args, argv)
+        if isinstance(args, int):  # a usage error (already printed as one line) or --help
+            return args
         vars(args).pop("debug", None)
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

@@ -18,6 +18,9 @@ not enough the sample is then cut at its end (the response's end is lost). Witho
 only cut at its end, and a record whose response is cut away entirely is bad (the behaviour before fitting).
 Every cut is counted per file and per task type in the report, which also shows the task-type mix before
 (records read) and after (samples used).
+
+Records may also come from Hugging Face ``datasets`` sources (``save_to_disk`` folders, .parquet, .arrow, Hub ids;
+see `loramoe.sources`): the same columns, the row index in place of the line number.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .balance import DOWNSTREAM, KNOWLEDGE, UNTYPED
+from .sources import SourceError, check_split, is_dataset_source, read_rows
 
 IGNORE_INDEX = -100
 DEFAULT_TASK_TYPE_NAMES = {"knowledge": KNOWLEDGE, "downstream": DOWNSTREAM, "untyped": UNTYPED}
@@ -198,13 +202,21 @@ class InstructionCollator:
 # ---- reading files ---------------------------------------------------------------------------------------------
 
 
-def read_records(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
-    """``([(line, record)], [(line, problem)])`` from a JSON list or a JSON-lines file.
+def read_records(
+    path: str | Path, split: str | None = None, default_split: str | None = "train"
+) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """``([(line, record)], [(line, problem)])`` from a JSON list or a JSON-lines file, or the rows of a
+    ``datasets`` source (`loramoe.sources.read_rows`; ``split`` else ``default_split`` for a DatasetDict or Hub id).
 
     A broken JSON-lines record is a per-line problem (skippable); a broken JSON list, an empty file or an
     unreadable one raises `DataError`, since nothing after the break can be located.
     """
     path = Path(path)
+    if is_dataset_source(path):
+        try:
+            return read_rows(path, split, default_split), []
+        except SourceError as e:
+            raise DataError(e.location, None, e.reason) from None
     if path.is_dir():
         raise DataError(path, None, "is a folder (expected a JSON list or JSON-lines file of instruction records)")
     try:
@@ -443,6 +455,8 @@ def load_instruction_data(
     skip_bad: bool = False,
     seed: int = 0,
     fit_prompt: bool = True,
+    split: str | None = None,
+    default_split: str | None = "train",
 ) -> InstructionDataset:
     """Read, validate, tokenise and mix instruction files.
 
@@ -450,6 +464,7 @@ def load_instruction_data(
     0.5 = a seeded half). ``task_type_names`` maps names to types, on top of knowledge/downstream/untyped.
     ``skip_bad``: skip bad records (listed in ``dataset.report``) instead of raising `DataError`.
     ``fit_prompt``: fit over-long samples by cutting the prompt's middle (module docstring).
+    ``split`` (else ``default_split``): the split of the DatasetDict folders and Hub ids among ``files``.
     """
     if isinstance(files, (str, Path, tuple)):
         files = [files]
@@ -457,6 +472,8 @@ def load_instruction_data(
         raise ValueError("The tokenizer has no EOS token; instruction targets end with EOS.")
     check_task_type_names(task_type_names or {})
     names = {**DEFAULT_TASK_TYPE_NAMES, **(task_type_names or {})}
+    files = list(files)
+    check_split([parse_data_spec(spec)[0] for spec in files], split)
     report = DataReport(max_seq_len=max_seq_len, fit_prompt=fit_prompt)
     samples: list[Sample] = []
     for index, spec in enumerate(files):
@@ -464,9 +481,10 @@ def load_instruction_data(
         file_report = FileReport(str(path), weight)
         report.files.append(file_report)
         try:
-            records, problems = read_records(path)
+            records, problems = read_records(path, split, default_split)
         except DataError as e:
-            if not skip_bad or not str(e.reason).startswith(("file is empty", "the JSON list is empty")):
+            empty = ("file is empty", "the JSON list is empty", "the dataset is empty")
+            if not skip_bad or not str(e.reason).startswith(empty):
                 raise
             file_report.skipped.append(str(e))
             continue

@@ -2,7 +2,8 @@
 alias) and multiple-choice tasks by length-normalised log-likelihood (accuracy). This is how the method's two
 claims are measured: world knowledge kept, downstream skill gained.
 
-Task files are JSON lines, one sample per line (blank lines are skipped)::
+Task files are JSON lines, one sample per line (blank lines are skipped), or Hugging Face ``datasets`` sources
+with these columns (``save_to_disk`` folders, .parquet, .arrow, Hub ids; see `loramoe.sources`)::
 
     {"task": "triviaqa", "type": "generate", "prompt": "Q: ...\\nA:", "answers": ["Paris", "Paris, France"]}
     {"task": "nli", "type": "choice", "prompt": "... Entailed?", "choices": [" yes", " no"], "answer": 0}
@@ -13,12 +14,13 @@ See docs/evaluation.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from .sources import SourceError, check_split, is_dataset_source, read_rows
 
 MAIN_METRIC = {"generate": "exact_match", "choice": "accuracy"}
 _REQUIRED = {"generate": ("prompt", "answers"), "choice": ("prompt", "choices", "answer")}
@@ -113,27 +117,43 @@ def check_task_types(samples: Iterable[EvalSample]) -> None:
             )
 
 
-def load_tasks(paths: str | Path | Iterable[str | Path], limit: int | None = None) -> list[EvalSample]:
-    """Read JSON-lines task files (format in the module docstring). ``limit`` keeps the first ``limit``
-    samples of each task, in file order. Errors name the file and line."""
+def _records(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` of a JSON-lines task file (blank lines skipped) or of a ``datasets`` source."""
+    if is_dataset_source(path):
+        try:
+            rows = read_rows(path, split)
+        except SourceError as e:
+            raise TaskFileError(str(e)) from None
+        yield from ((f"{path}:{row}", record) for row, record in rows)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'is a folder' if path.is_dir() else 'not found'} (expected a JSON-lines task file)")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskFileError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            yield where, record
+
+
+def load_tasks(
+    paths: str | Path | Iterable[str | Path], limit: int | None = None, split: str | None = None
+) -> list[EvalSample]:
+    """Read task files (format in the module docstring): JSON lines, or ``datasets`` sources with the same
+    columns (`loramoe.sources`; ``split`` chooses the part of a DatasetDict or Hub dataset). ``limit`` keeps the
+    first ``limit`` samples of each task, in file order. Errors name the file and line (or row)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("load_tasks: no task files given.")
+    check_split(paths, split)
     samples: list[EvalSample] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: {'is a folder' if path.is_dir() else 'not found'} (expected a JSON-lines task file)")
         before = len(samples)
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskFileError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-                samples.append(_parse_record(record, where, path.stem))
+        samples += [_parse_record(record, where, path.stem) for where, record in _records(path, split)]
         if len(samples) == before:
             raise TaskFileError(f"{path}: no records (expected one JSON object per line).")
     check_task_types(samples)
@@ -222,6 +242,54 @@ def batched(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def greedy_generation_config(max_new_tokens: int, eos_token_id: int | None, pad_token_id: int) -> GenerationConfig:
+    """`loramoe eval`'s decoding as a config for ``model.generate(..., generation_config=...)``: greedy, with every
+    common setting that a model's own ``generation_config`` could change greedy output with set explicitly (no
+    sampling, beams or penalties; EOS the tokenizer's); cut the decoded text with `cut_at_stop`. What else a
+    model's config sets (``bad_words_ids``, ``suppress_tokens``, ``min_new_tokens``, ...) still applies to a plain
+    generate() call; `greedy_generate` sets the model's config aside while it decodes."""
+    return GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_length=0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, renormalize_logits=False, remove_invalid_values=False,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )  # fmt: skip
+
+
+class _RowStop(StoppingCriteria):
+    """Stops a row at EOS (not kept) or once ``should_stop(its new ids)``; remembers where each row ended, since
+    generate() pads a finished row on until the whole batch stops."""
+
+    def __init__(self, should_stop: Callable[[list[int]], bool], eos_id: int | None, prompt_width: int) -> None:
+        self.should_stop, self.eos_id, self.width = should_stop, eos_id, prompt_width
+        self.ends: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.width :].tolist()
+        for i, ids in enumerate(new):
+            if i in self.ends:
+                continue
+            if ids[-1] == self.eos_id:
+                self.ends[i] = len(ids) - 1
+            elif self.should_stop(ids):
+                self.ends[i] = len(ids)
+        return torch.tensor([i in self.ends for i in range(len(new))], device=input_ids.device)
+
+
+@contextlib.contextmanager
+def _generation_config_set_aside(model: nn.Module) -> Iterator[None]:
+    """generate() fills every setting its config leaves unset from the model's own ``generation_config``; a
+    blank one stands in for it while `greedy_generate` decodes, so that nothing but the given config applies."""
+    owners = [m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in owners]
+    try:
+        for m in owners:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, config in zip(owners, saved):
+            m.generation_config = config
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: nn.Module,
@@ -231,39 +299,18 @@ def greedy_generate(
     max_new_tokens: int,
     should_stop: Callable[[list[int]], bool] = lambda ids: False,
 ) -> list[list[int]]:
-    """Greedy decoding of a batch of token-id prompts with the KV cache. Prompts are left-padded and positions
-    count real tokens only, so every row decodes as it would alone. A row stops at EOS (not returned) or when
-    ``should_stop(its new ids)`` is true; the whole batch stops when every row has."""
+    """Greedy decoding of a batch of token-id prompts through transformers' ``generate()`` (KV cache) with
+    `greedy_generation_config`. Prompts are left-padded and the attention mask marks the padding, from which
+    generate() counts positions over real tokens only, so every row decodes as it would alone. A row stops at
+    EOS (not returned) or when ``should_stop(its new ids)`` is true; the batch stops when every row has."""
     device = model_device(model)
     ids, mask = (t.to(device) for t in pad_sequences(prompts, pad_id, left=True))
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    new: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in range(max_new_tokens):
-        next_ids = out.logits[:, -1].argmax(dim=-1)
-        for i, tok in enumerate(next_ids.tolist()):
-            if done[i]:
-                continue
-            if tok == eos_id:
-                done[i] = True
-                continue
-            new[i].append(tok)
-            done[i] = should_stop(new[i])
-        if all(done) or step == max_new_tokens - 1:
-            break
-        step = next_ids.masked_fill(torch.tensor(done, device=device), pad_id).unsqueeze(1)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True, **_kv_cache(out))
-    return new
-
-
-def _kv_cache(out: Any) -> dict[str, Any]:
-    """The KV cache to pass on, under the name the installed transformers uses: 5.24 renamed
-    ``past_key_values`` to ``cache`` (the old name warns, and is to go in 5.40)."""
-    cache = getattr(out, "cache", None)
-    return {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
+    stop = _RowStop(should_stop, eos_id, ids.shape[1])
+    config = greedy_generation_config(max_new_tokens, eos_id, pad_id)
+    with _generation_config_set_aside(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([stop]))
+    return [row[: stop.ends.get(i, len(row))] for i, row in enumerate(out[:, ids.shape[1] :].tolist())]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -433,7 +480,10 @@ def configure_parser(parser) -> None:
                         help="base model: Hugging Face directory, .gguf file, 'smollm2', or a fully fine-tuned checkpoint")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory (LoRA or LoRAMoE) to put on the base")
     parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --base)")
-    parser.add_argument("--tasks", nargs="+", required=True, help="JSON-lines task files (see docs/evaluation.md)")
+    parser.add_argument("--tasks", nargs="+", required=True,
+                        help="task files: JSON lines, or datasets sources (a save_to_disk folder, .parquet, .arrow, "
+                             "a Hub id); see docs/evaluation.md")
+    add_split_option(parser)
     parser.add_argument("--out", required=True, help="output directory for eval.json, eval.md, predictions.jsonl")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -443,6 +493,12 @@ def configure_parser(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N samples of each task")
     add_model_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_split_option(parser) -> None:
+    """--data-split, shared with `loramoe routes`."""
+    parser.add_argument("--data-split", default=None,
+                        help="split of a DatasetDict folder or Hub dataset given in --tasks (needed when it has several)")
 
 
 def add_model_options(parser) -> None:
@@ -477,7 +533,7 @@ EVAL_FILES = ("eval.json", "eval.md", "predictions.jsonl")
 
 def run(args) -> int:
     stop = ["\n"] if args.stop is None else [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    samples = load_tasks(args.tasks, limit=args.limit)
+    samples = load_tasks(args.tasks, limit=args.limit, split=args.data_split)
     out = claim_out(args, EVAL_FILES)
     model, tokenizer = load_for_cli(args)
     report = evaluate(model, tokenizer, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

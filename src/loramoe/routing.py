@@ -190,13 +190,15 @@ def routing_profile(
 
 # ---- command line ----------------------------------------------------------------------------------------------
 def configure_parser(parser) -> None:
-    from .evaluate import add_model_options
+    from .evaluate import add_model_options, add_split_option
 
     parser.add_argument("--base", required=True, help="base model: Hugging Face directory, .gguf file or 'smollm2'")
     parser.add_argument("--adapter", required=True, help="LoRAMoE adapter directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --base)")
     parser.add_argument("--tasks", nargs="+", required=True,
-                        help="JSON-lines task files; a dataset is a task name (default: the file stem)")
+                        help="task files (JSON lines or datasets sources, as for `loramoe eval`); a dataset is a task "
+                             "name (default: the file stem)")
+    add_split_option(parser)
     parser.add_argument("--out", required=True,
                         help="output directory for routing.json, routing.md, routing_heatmap.png, routing_bars.png")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -213,7 +215,7 @@ ROUTING_FILES = ("routing.json", "routing.md", "routing_heatmap.png", "routing_b
 def run(args) -> int:
     from .evaluate import claim_out, load_for_cli
 
-    samples = load_tasks(args.tasks, limit=args.limit)
+    samples = load_tasks(args.tasks, limit=args.limit, split=args.data_split)
     out = claim_out(args, ROUTING_FILES)
     model, tokenizer = load_for_cli(args)
     profile = routing_profile(model, tokenizer, samples, batch_size=args.batch_size,

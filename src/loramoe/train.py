@@ -62,8 +62,8 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 # Settings that fix what a checkpoint's step means (with the training samples' fingerprint, the batch layout
 # and the adapter's shape and scale); resuming with other values would not continue the same run.
 RESUME_INVARIANTS = (
-    "method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "lora_alpha", "knowledge_experts",
-    "target_modules", "quantize", "bnb_compute_dtype",
+    "method", "data", "data_split", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "lora_alpha",
+    "knowledge_experts", "target_modules", "quantize", "bnb_compute_dtype",
 )  # fmt: skip
 # How to run, not what to train: never compared on resume.
 RUN_CONTROLS = ("resume", "overwrite", "progress")
@@ -74,7 +74,10 @@ class TrainConfig:
     """Everything a training run needs. Field names are the YAML keys; CLI flags are the same with dashes."""
 
     model: str = field(default="smollm2", metadata={"help": "base model: HF directory, .gguf file, or 'smollm2'"})
-    data: list[Any] = field(default_factory=list, metadata={"help": "training files, PATH or PATH:WEIGHT"})
+    data: list[Any] = field(default_factory=list, metadata={
+        "help": "training data, PATH or PATH:WEIGHT: JSON (lines), a save_to_disk folder, .parquet, .arrow, a Hub id"})
+    data_split: str | None = field(default=None, metadata={
+        "help": "split of the DatasetDict folders / Hub ids in --data (None: 'train')"})
     output_dir: str = field(default="runs/loramoe", metadata={"help": "where adapters, checkpoints, metrics go"})
     method: str = field(default="loramoe", metadata={"help": "loramoe | lora (rank N*r) | full"})
     # LoRAMoE and its LBC (see LoraMoeConfig); `lora` uses r * num_experts, lora_alpha, lora_dropout
@@ -95,7 +98,9 @@ class TrainConfig:
                              "response fits (--no-fit-prompt: cut the sample's end and refuse a record whose "
                              "response is cut away entirely)"})  # fmt: skip
     skip_bad: bool = field(default=False, metadata={"help": "skip bad records (reported) instead of failing"})
-    eval_file: str | None = field(default=None, metadata={"help": "held-out instruction file for eval loss"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out instruction data for eval loss (as --data)"})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "split of --eval-file when it is a DatasetDict folder or Hub id (needed when it has several)"})
     # optimisation
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
@@ -483,8 +488,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             tokenizer.pad_token = tokenizer.eos_token
         load = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, task_type_names=cfg.task_type_names,
                     skip_bad=cfg.skip_bad, seed=cfg.seed, fit_prompt=cfg.fit_prompt)  # fmt: skip
-        data = load_instruction_data(cfg.data, **load)
-        eval_data = load_instruction_data([cfg.eval_file], **load) if cfg.eval_file else None
+        data = load_instruction_data(cfg.data, split=cfg.data_split, **load)
+        eval_data = (load_instruction_data([cfg.eval_file], split=cfg.eval_split, default_split=None, **load)
+                     if cfg.eval_file else None)  # fmt: skip
         acc.print(f"data: {data.report.summary()}")
         if eval_data is not None:
             acc.print(f"eval data: {eval_data.report.summary()}")

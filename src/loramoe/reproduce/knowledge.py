@@ -29,6 +29,9 @@ KNOWLEDGE_INSTRUCTION = "Answer the question."
 
 def load_probe(path: Path) -> list[Sample]:
     """Closed-book questions ``{"question", "answers": [first = canonical, then aliases], "category"}``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: {'is a folder' if Path(path).is_dir() else 'not found'} (expected JSON lines "
+                                "{'question': str, 'answers': [str, ...]})")  # fmt: skip
     samples = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

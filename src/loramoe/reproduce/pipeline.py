@@ -363,14 +363,14 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     """Do every run of ``plan`` (the grid, then the decisive setting's extra seeds); return the raw results that
     `report.summarise` reads."""
     p = plan.preset
+    extra = None
+    if plan.knowledge_test is not None:  # checked before anything is written or loaded
+        extra = load_probe(plan.knowledge_test)
+        check_never_trained_on(extra, p.knowledge()["train"], plan.knowledge_test)
     open_out(plan.out, OUTPUTS, p)
     if p.threads:
         torch.set_num_threads(p.threads)
     base, tokenizer = load_base(p)
-    extra = None
-    if plan.knowledge_test is not None:
-        extra = load_probe(plan.knowledge_test)
-        check_never_trained_on(extra, p.knowledge()["train"], plan.knowledge_test)
     data = build_data(p, plan.scales, plan.out, tokenizer, knowledge_test=extra)
     steps = planned_steps(plan, data)
     test = load_tasks(data.test_files)

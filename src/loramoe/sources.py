@@ -1,0 +1,140 @@
+"""Records from Hugging Face ``datasets`` sources, for training data (`loramoe.data`) and task files
+(`loramoe.evaluate`): a folder written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` and a split), a
+``.parquet`` or ``.arrow`` file, or a Hub dataset id and a split (this one needs the network).
+
+A record is one row as a dict, without its null columns (a table has every column in every row; a null stands
+for a field that JSON lines would leave out). Its place is the 0-based row index, a `Row`, which stands where
+JSON lines have a line number: a problem reads ``train.parquet:row 12``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+TABLE_SUFFIXES = (".parquet", ".arrow")
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
+class Row(int):
+    """A 0-based row index that prints as ``row N`` (and sorts as a number), in the place of a line number."""
+
+    def __str__(self) -> str:
+        return f"row {int(self)}"
+
+
+class SourceError(ValueError):
+    """A dataset source that cannot be read; the message starts with the source."""
+
+    def __init__(self, location: str | Path, reason: str) -> None:
+        self.location, self.reason = str(location), reason
+        super().__init__(f"{self.location}: {reason}")
+
+
+def _is_dataset_dict(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file()
+
+
+def _is_hub_id(spec: str | Path) -> bool:
+    path = Path(spec)
+    return not path.exists() and path.suffix not in _JSON_SUFFIXES + TABLE_SUFFIXES and bool(_HUB_ID.fullmatch(str(spec)))
+
+
+def is_dataset_source(spec: str | Path) -> bool:
+    """Whether ``spec`` is read here rather than as JSON: a folder, a .parquet/.arrow file, or (when no such local
+    path exists) something shaped like a Hub id, ``name`` or ``owner/name``."""
+    path = Path(spec)
+    return path.is_dir() or path.suffix in TABLE_SUFFIXES or _is_hub_id(spec)
+
+
+def has_splits(spec: str | Path) -> bool:
+    """A ``DatasetDict`` folder or a Hub id: the sources a split is chosen from."""
+    path = Path(spec)
+    return (path.is_dir() and _is_dataset_dict(path)) or _is_hub_id(spec)
+
+
+def check_split(specs: Iterable[str | Path], split: str | None, option: str = "split") -> None:
+    """A split that no source has would be a setting silently not applied."""
+    specs = list(specs)
+    if split is not None and not any(has_splits(s) for s in specs):
+        raise ValueError(f"{option}={split!r}: none of {[str(s) for s in specs]} has splits (only a folder written by "
+                         "DatasetDict.save_to_disk or a Hub dataset id has); leave it out")
+
+
+def read_rows(spec: str | Path, split: str | None = None, default_split: str | None = None) -> list[tuple[Row, dict]]:
+    """``[(row, record)]`` of a dataset source. ``split`` (else ``default_split``) chooses the part of a
+    ``DatasetDict`` or Hub dataset; a ``DatasetDict`` with a single split needs none. Raises `SourceError`."""
+    path = Path(spec)
+    if path.suffix in TABLE_SUFFIXES and path.is_file():
+        table = _read_table(path)
+    elif path.is_dir():
+        table = _read_saved(path, split or default_split)
+    elif path.suffix in TABLE_SUFFIXES:
+        raise SourceError(path, "file not found")
+    else:
+        table = _read_hub(str(spec), split or default_split)
+    rows = [(Row(i), {k: v for k, v in record.items() if v is not None}) for i, record in enumerate(table)]
+    if not rows:
+        raise SourceError(spec, "the dataset is empty (0 rows)")
+    return rows
+
+
+def _datasets(spec: str | Path) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise SourceError(spec, "reading it needs the `datasets` package (pip install 'loramoe[datasets]')") from None
+    return datasets
+
+
+def _read_table(path: Path) -> list[dict]:
+    """Parquet, or Arrow IPC: the stream format that ``datasets`` writes, or the file format."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SourceError(path, "reading it needs the `pyarrow` package (pip install 'loramoe[datasets]')") from None
+    try:
+        if path.suffix == ".parquet":
+            return pq.read_table(path).to_pylist()
+        with pa.memory_map(str(path)) as source:
+            try:
+                return pa.ipc.open_stream(source).read_all().to_pylist()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return pa.ipc.open_file(source).read_all().to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        kind = "Parquet" if path.suffix == ".parquet" else "Arrow (IPC stream or file)"
+        raise SourceError(path, f"not a readable {kind} file ({e})") from None
+
+
+def _read_saved(path: Path, split: str | None) -> list[dict]:
+    if not (_is_dataset_dict(path) or (path / "dataset_info.json").is_file()):
+        raise SourceError(path, "is a folder, but not one written by Dataset.save_to_disk or DatasetDict.save_to_disk "
+                                "(no dataset_info.json or dataset_dict.json; expected a JSON list or JSON-lines file, "
+                                "a .parquet / .arrow file or a save_to_disk folder)")  # fmt: skip
+    loaded = _datasets(path).load_from_disk(str(path))
+    if _is_dataset_dict(path):
+        splits = list(loaded)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in splits:
+            wanted = "choose one of them as the split" if split is None else f"no split {split!r} (expected one of them)"
+            raise SourceError(path, f"a DatasetDict with splits {splits}: {wanted}")
+        loaded = loaded[split]
+    return loaded.to_list()
+
+
+def _read_hub(spec: str, split: str | None) -> list[dict]:
+    if split is None:
+        raise SourceError(spec, "not a local file or folder; as a Hugging Face Hub dataset it needs a split")
+    datasets = _datasets(spec)
+    try:
+        return datasets.load_dataset(spec, split=split).to_list()
+    except Exception as e:  # offline, unknown id, no such split, ...: all the same to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(spec, f"not a local file or folder, and loading it from the Hugging Face Hub failed: "
+                                f"{reason}") from None  # fmt: skip
