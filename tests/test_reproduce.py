@@ -216,6 +216,10 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     paths = write_report(report, tmp_path)
     assert all(p.exists() for p in paths.values()) and {"routing", "frontier"} <= set(paths)
     assert any("left" in line for line in lines) and "done" in lines[-1]
+    # what decides the claim comes first: the largest scale's grid, the decisive seeds, then the smaller scale
+    started = [line.split("] ", 1)[1] for line in lines if line.startswith("[") and ": data x" in line]
+    assert [run.split(",")[0].split("data ")[1] for run in started] == ["x2"] * 5 + ["x2"] * 4 + ["x1"] * 5
+    assert all(", seed 1," in run for run in started[5:9])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["preset"] == "tiny" and saved["seeds"] == [0] and saved["data_scales"] == [1, 2]
     assert set(saved["methods"]) == set(METHODS)

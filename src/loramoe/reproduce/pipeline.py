@@ -379,9 +379,12 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     trained = [m for m in plan.methods if METHODS[m] is not None]
     largest = max(plan.scales)
     decisive_seeds = [s for s in range(max(p.decisive_seeds, 1)) if s not in plan.seeds]
-    # largest scale first: a study stopped part-way already holds the points that decide the lrs
+    # The order of the runs puts what decides the claim first, so that a study stopped part-way (and resumed
+    # later) already holds it: the largest scale's grid (it chooses the lrs), then the decisive setting's extra
+    # seeds, then the smaller scales (more frontier points).
     grid = [(seed, scale, m, lr) for seed in plan.seeds for scale in sorted(plan.scales, reverse=True)
             for m in trained for lr in p.lrs(m)]  # fmt: skip
+    first = [point for point in grid if point[1] == largest]
     units = (sum(steps[scale] + EVAL_UNITS for _, scale, _, _ in grid) + EVAL_UNITS
              + len(decisive_seeds) * len(trained) * (steps[largest] + EVAL_UNITS))  # fmt: skip
     progress = Progress(units, log)
@@ -431,13 +434,16 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
         progress.advance(steps[scale] + EVAL_UNITS)
         finish(run, path)
 
-    for point in grid:
+    for point in first:
         do(*point)
     decisive = choose_lrs(runs, largest, list(p.families)) if trained else {"level": None, "lr": {}}
     log(f"decisive setting (chosen on validation data): x{largest:g}, lr {decisive['lr']}")
     for seed in decisive_seeds:
         for method in trained:
             do(seed, largest, method, decisive["lr"][method])
+    for point in grid:
+        if point not in first:
+            do(*point)
     for method in plan.routing_methods:  # the decisive run's routing profile is the one the report shows
         source = plan.out / "routing" / run_name(method, largest, decisive["lr"].get(method, 0.0), min(plan.seeds))
         if method in decisive["lr"] and source.is_dir():

@@ -73,7 +73,7 @@ def smollm2_preset(probe: Path = REAL_FACTS, **changes) -> Preset:
 
     settings = dict(
         scales=(1, 4), downstream_per_family=40, test_per_family=40, valid_per_family=16, epochs=1.0, batch_size=8,
-        lr_full=5e-5, lr_adapter=5e-4, decisive_seeds=3, max_seq_len=256, eval_batch_size=16, max_new_tokens=12,
+        lr_full=5e-5, lr_adapter=5e-4, decisive_seeds=3, max_seq_len=256, eval_batch_size=32, max_new_tokens=12,
         chat=True, families=("reading", "sentiment", "count", "reverse"), threads=None,
         lr_grid={"sft": (2e-5, 5e-5, 1.25e-4), **dict.fromkeys(ADAPTER_METHODS, (2e-4, 5e-4, 1.25e-3))},
     )  # fmt: skip
