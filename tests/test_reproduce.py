@@ -326,6 +326,7 @@ def test_summary_numbers_by_hand():
     assert r["methods"]["base"]["by_scale"][1]["world_knowledge"] == pytest.approx(0.8)
     v = r["verdict"]
     assert v["sft_forgets_more_with_more_data"] is True and v["sft_forgetting"] == pytest.approx(0.6)
+    assert v["sft_most_forgetting"] == {"lr": 1e-4, "points": pytest.approx(0.6)}  # 1e-5 at x4 kept 0.9
     assert v["knowledge_retention"] == pytest.approx(0.95) and v["downstream_ratio"] == pytest.approx(1.0)
     assert r["routing"]["knowledge_share"]["world_knowledge_in_format"] == pytest.approx(0.8)
     assert v["routing_gap"] == pytest.approx(0.8 - 0.3)

@@ -186,6 +186,11 @@ def verdict(report: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
         out["sft_forgets_more_with_more_data"] = len(curve) > 1 and curve[-1] < curve[0]
         if "base" in m:
             out["sft_forgetting"] = m["base"]["world_knowledge"] - m["sft"]["world_knowledge"]
+            largest = max(report["data_scales"])
+            worst = min((p for p in report["frontier"].get("sft", []) if p["scale"] == largest),
+                        key=lambda p: p["world_knowledge"], default=None)  # fmt: skip
+            if worst is not None:  # the grid's most forgetful SFT run: how far forgetting went at all
+                out["sft_most_forgetting"] = {"lr": worst["lr"], "points": m["base"]["world_knowledge"] - worst["world_knowledge"]}
     if "base" in m and "loramoe_lbc" in m and m["base"]["world_knowledge"] > 0:
         out["knowledge_retention"] = m["loramoe_lbc"]["world_knowledge"] / m["base"]["world_knowledge"]
     if "sft" in m and "loramoe_lbc" in m and m["sft"]["downstream_mean"] > 0:
@@ -302,7 +307,12 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         word = "falls" if v["sft_forgets_more_with_more_data"] else "does NOT fall"
         base = f" (base {_pct(m['base']['world_knowledge'])}; {100 * v['sft_forgetting']:.1f} points below it at the " \
                "largest scale)" if "sft_forgetting" in v else ""
-        lines.append(f"- Full fine-tuning's format-free world knowledge {word} as data grows: {curve}{base}.")
+        lines.append(f"- Full fine-tuning's format-free world knowledge at its decisive lr {word} as data grows: "
+                     f"{curve}{base}.")  # fmt: skip
+        if "sft_most_forgetting" in v:
+            worst = v["sft_most_forgetting"]
+            lines.append(f"- The most any SFT run of the grid forgot at the largest scale: {100 * worst['points']:.1f} "
+                         f"points below the base (lr {worst['lr']:g}).")  # fmt: skip
     for name in ("lora", "loramoe", "loramoe_lbc"):
         if name in m and "base" in m and "sft" in m:
             r = m[name]
