@@ -18,7 +18,7 @@ from loramoe.reproduce import pipeline, tasks
 from loramoe.reproduce.pipeline import METHODS, Plan, build_data, eval_prompt, run_experiment, with_overrides
 from loramoe.reproduce.presets import REAL_FACTS, load_probe, split_probe, tiny_preset
 from loramoe.reproduce.pretrain import PretrainConfig, pretrain, train_tokenizer, vocabulary_texts
-from loramoe.reproduce.report import summarise, write_report
+from loramoe.reproduce.report import summarise, verdict_lines, write_report
 from loramoe.reproduce.world import ATTRIBUTES, make_world
 
 TOY = toy_pretrain_config()
@@ -302,10 +302,11 @@ def _run(method, scale, seed, wk, ds, share=None, lr=None, right=None):
            "answer_logprob": {"world_knowledge": [-1.0 - wk] * 4}}  # fmt: skip
     if share is not None:
         run["knowledge_share"] = {"world_knowledge_in_format": share, "a": 0.4, "b": 0.2}
+        run["train_config"] = {"num_experts": 5, "knowledge_experts": None}  # K = 2: uniform routing gives 0.4
     return run
 
 
-def test_summary_numbers_by_hand():
+def test_summary_numbers_by_hand(tmp_path):
     runs = [_run("base", None, None, 0.8, 0.2)]
     runs += [_run("sft", s, seed, wk, 0.8, lr=1e-4, right=[1, 0, 0, 0])
              for s, seed, wk in ((1, 0, 0.6), (1, 1, 0.4), (4, 0, 0.3), (4, 1, 0.1))]  # fmt: skip
@@ -330,6 +331,10 @@ def test_summary_numbers_by_hand():
     assert v["knowledge_retention"] == pytest.approx(0.95) and v["downstream_ratio"] == pytest.approx(1.0)
     assert r["routing"]["knowledge_share"]["world_knowledge_in_format"] == pytest.approx(0.8)
     assert v["routing_gap"] == pytest.approx(0.8 - 0.3)
+    assert r["routing"]["uniform"] == pytest.approx(0.4)
+    paths = write_report(r, tmp_path)  # routing.png comes from the stored shares: no routing/ folder is needed
+    assert paths["routing"].is_file() and not (tmp_path / "routing").exists()
+    assert "uniform routing = 0.40" in paths["markdown"].read_text()
     assert v["met"] == {"knowledge_retention": True, "downstream_ratio": True, "routing_gap": True}
     # frontier: one point per (lr, scale), averaged over its seeds
     assert r["frontier"]["sft"] == [
@@ -348,6 +353,19 @@ def test_summary_numbers_by_hand():
     assert c["seeds"] == [0, 1] and c["questions"] == 4
     assert c["knowledge_diff"] == pytest.approx(0.25) and c["downstream_diff"] == pytest.approx(0.0)
     assert c["ci95"][0] <= 0.25 <= c["ci95"][1] and c["knowledge_ci_contains_zero"] is (c["ci95"][0] <= 0)
+
+
+def test_verdict_says_above_the_base_when_sft_gained_knowledge():
+    """The knowledge QA in the mix can raise SFT above the base; the verdict must not call that forgetting."""
+    runs = [_run("base", None, None, 0.5, 0.2)]
+    runs += [_run("sft", s, 0, wk, 0.8, lr=1e-4) for s, wk in ((1, 0.58), (4, 0.6))]
+    decisive = {"scale": 4, "seeds": [0], "level": 0.6, "lr": {"sft": 1e-4}}
+    raw = {"preset": "t", "seeds": [0], "scales": [1, 4], "runs": runs, "data": {}, "steps": {},
+           "downstream_tasks": ["a", "b"], "wall_seconds": 1.0, "lr_grid": {}, "decisive": decisive}  # fmt: skip
+    r = summarise(raw)
+    assert r["verdict"]["sft_forgetting"] == pytest.approx(-0.1)
+    line = verdict_lines(r)[0]
+    assert "does NOT fall" in line and "10.0 points above it" in line and "below" not in line
 
 
 # ---- the real-world probe (smollm2 preset) ---------------------------------------------------------------------

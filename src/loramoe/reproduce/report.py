@@ -6,7 +6,6 @@ plainly whether the paper's effect showed."""
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -88,16 +87,19 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
                 "format_free": _mean([r["scores"][EXTRA_TASK] for r in top]),
                 "in_format": _mean([r["scores"][EXTRA_TASK + IN_FORMAT] for r in top]),
             }
-    routing = {}
+    routing, uniform = {}, None
     for method in ("loramoe_lbc", "loramoe"):
-        shares = [r["knowledge_share"] for r in raw["runs"] if r["method"] == method and "knowledge_share" in r
+        routed = [r for r in raw["runs"] if r["method"] == method and "knowledge_share" in r
                   and r["scale"] == largest and r["lr"] == chosen.get(method)]  # fmt: skip
-        if shares:
-            routing[method] = {d: _mean([s[d] for s in shares]) for d in shares[0]}
+        if routed:
+            routing[method] = {d: _mean([r["knowledge_share"][d] for r in routed]) for d in routed[0]["knowledge_share"]}
+            cfg = routed[0]["train_config"]  # K/N: what every expert group would get from a router that ignores input
+            uniform = (cfg["knowledge_experts"] or cfg["num_experts"] // 2) / cfg["num_experts"]
     frontier = frontier_points(raw)
     report = {
         "preset": raw["preset"], "seeds": raw["seeds"], "data_scales": scales, "methods": methods,
-        "routing": {"method": "loramoe_lbc", "knowledge_share": routing.get("loramoe_lbc", {}), "by_method": routing},
+        "routing": {"method": "loramoe_lbc", "knowledge_share": routing.get("loramoe_lbc", {}), "by_method": routing,
+                    "uniform": uniform},
         "data": raw["data"], "steps_per_scale": raw["steps"], "wall_seconds": raw["wall_seconds"],
         "train_seconds_total": sum(r["train_seconds"] for r in raw["runs"]), "runs": len(raw["runs"]),
         "lr_grid": raw["lr_grid"], "decisive": raw["decisive"], "frontier": frontier,
@@ -259,7 +261,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     shares = report["routing"]["by_method"]
     if shares:
         datasets = list(next(iter(shares.values())))
-        lines += ["", "Router weight on the knowledge experts, per dataset, at the decisive setting (uniform routing = 0.50):",
+        lines += ["", "Router weight on the knowledge experts, per dataset, at the decisive setting (uniform routing = "
+                  f"{report['routing']['uniform']:.2f}):",
                   "", "| method | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]  # fmt: skip
         for name, s in shares.items():
             lines.append(f"| {name} | " + " | ".join(f"{s[d]:.3f}" for d in datasets) + " |")
@@ -305,8 +308,11 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     if "sft_world_knowledge_by_scale" in v:
         curve = ", ".join(_pct(x) for x in v["sft_world_knowledge_by_scale"])
         word = "falls" if v["sft_forgets_more_with_more_data"] else "does NOT fall"
-        base = f" (base {_pct(m['base']['world_knowledge'])}; {100 * v['sft_forgetting']:.1f} points below it at the " \
-               "largest scale)" if "sft_forgetting" in v else ""
+        base = ""
+        if "sft_forgetting" in v:  # positive: SFT lost knowledge; negative: it gained some (knowledge QA in the mix)
+            side = "below" if v["sft_forgetting"] >= 0 else "above"
+            base = f" (base {_pct(m['base']['world_knowledge'])}; {abs(100 * v['sft_forgetting']):.1f} points {side} it " \
+                   "at the largest scale)"
         lines.append(f"- Full fine-tuning's format-free world knowledge at its decisive lr {word} as data grows: "
                      f"{curve}{base}.")  # fmt: skip
         if "sft_most_forgetting" in v:
@@ -409,6 +415,35 @@ def plot_frontier(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_routing(report: dict[str, Any], path: Path) -> Path:
+    """The paper's Figure 7 view from the report itself: per dataset, the router weight on the knowledge experts,
+    one bar per routed method, mean over the decisive seeds. Drawn from the stored shares, so a study resumed from
+    `results/` alone has it too (the per-layer profiles are in `routing/` when the adapters were routed here)."""
+    shares = report["routing"]["by_method"]
+    datasets = list(next(iter(shares.values())))
+    fig = Figure(figsize=(max(7.0, 1.2 * len(datasets) + 2.5), 4.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(shares)
+    colors = {name: f"C{i}" for i, name in enumerate(report["frontier"])}  # as in frontier.png
+    for i, name in enumerate(sorted(shares, key=list(colors).index)):
+        s = shares[name]
+        xs = [j + (i - (len(shares) - 1) / 2) * width for j in range(len(datasets))]
+        ax.bar(xs, [s[d] for d in datasets], width=width, label=name, color=colors[name])
+        for x, d in zip(xs, datasets):
+            ax.text(x, s[d] + 0.01, f"{s[d]:.2f}", ha="center", fontsize=7)
+    uniform = report["routing"]["uniform"]
+    ax.axhline(uniform, color="black", linestyle="--", linewidth=1, label=f"uniform routing ({uniform:.2f})")
+    ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("router weight on the knowledge experts")
+    seeds = report["decisive"].get("seeds", report["seeds"]) if report.get("decisive") else report["seeds"]
+    ax.set_title(f"Knowledge-expert share per dataset, at the decisive setting (mean over seeds {seeds})")
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
+
+
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     """report.json, report.md, forgetting.png, frontier.png and (when LoRAMoE+LBC ran) routing.png in ``out``."""
     out = Path(out)
@@ -418,8 +453,6 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["markdown"].write_text(to_markdown(report))
     plot_forgetting(report, paths["forgetting"])
     plot_frontier(report, paths["frontier"])
-    bars = out / "routing" / "loramoe_lbc" / "routing_bars.png"
-    if bars.exists():
-        paths["routing"] = out / "routing.png"
-        shutil.copyfile(bars, paths["routing"])
+    if report["routing"]["by_method"]:
+        paths["routing"] = plot_routing(report, out / "routing.png")
     return paths
