@@ -46,6 +46,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 BlcMode = Literal["own_group", "reference"]
 
 
+def knowledge_group_size(num_experts: int, knowledge_experts: int | None) -> int:
+    """K, the size of the world-knowledge expert group: as given, or half the experts when left unset."""
+    return num_experts // 2 if knowledge_experts is None else knowledge_experts
+
+
 @dataclass
 class LoraMoeConfig(PeftConfig):
     """Configuration of a LoRAMoE adapter (see SPEC.md for the maths).
@@ -102,8 +107,7 @@ class LoraMoeConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.knowledge_experts is None:
-            self.knowledge_experts = self.num_experts // 2
+        self.knowledge_experts = knowledge_group_size(self.num_experts, self.knowledge_experts)
         self.validate()
 
     def validate(self) -> None:

@@ -444,7 +444,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     for point in grid:
         if point not in first:
             do(*point)
-    for method in plan.routing_methods:  # the decisive run's routing profile is the one the report shows
+    for method in plan.routing_methods:  # the decisive run's per-layer profile, kept beside the report
         source = plan.out / "routing" / run_name(method, largest, decisive["lr"].get(method, 0.0), min(plan.seeds))
         if method in decisive["lr"] and source.is_dir():
             shutil.copytree(source, plan.out / "routing" / method, dirs_exist_ok=True)

@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..config import knowledge_group_size
 from .pipeline import EXTRA_TASK, IN_FORMAT, KNOWLEDGE_IN_FORMAT, METHODS, VALID, VALID_TASK
 from .stats import Point, knowledge_at, paired_bootstrap, pareto_frontier
 from .tasks import KNOWLEDGE_TASK
@@ -94,7 +95,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         if routed:
             routing[method] = {d: _mean([r["knowledge_share"][d] for r in routed]) for d in routed[0]["knowledge_share"]}
             cfg = routed[0]["train_config"]  # K/N: what every expert group would get from a router that ignores input
-            uniform = (cfg["knowledge_experts"] or cfg["num_experts"] // 2) / cfg["num_experts"]
+            uniform = knowledge_group_size(cfg["num_experts"], cfg["knowledge_experts"]) / cfg["num_experts"]
     frontier = frontier_points(raw)
     report = {
         "preset": raw["preset"], "seeds": raw["seeds"], "data_scales": scales, "methods": methods,
@@ -437,15 +438,15 @@ def plot_routing(report: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(datasets)), datasets, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("router weight on the knowledge experts")
-    seeds = report["decisive"].get("seeds", report["seeds"]) if report.get("decisive") else report["seeds"]
-    ax.set_title(f"Knowledge-expert share per dataset, at the decisive setting (mean over seeds {seeds})")
+    ax.set_title(f"Knowledge-expert share per dataset, at the decisive setting (mean over seeds {report['decisive']['seeds']})")
     ax.legend(fontsize=8)
     fig.savefig(path)
     return path
 
 
 def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
-    """report.json, report.md, forgetting.png, frontier.png and (when LoRAMoE+LBC ran) routing.png in ``out``."""
+    """report.json, report.md, forgetting.png, frontier.png and (when LoRAMoE or LoRAMoE+LBC ran) routing.png in
+    ``out``."""
     out = Path(out)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "forgetting": out / "forgetting.png",
              "frontier": out / "frontier.png"}  # fmt: skip
