@@ -1,11 +1,12 @@
 """One optimizer update of a LoRAMoE adapter through each trainer path, in this process or under torchrun (the
-driver of tests/test_lbc_scaling.py and tests/test_deepspeed.py):
+driver of tests/test_lbc_scaling.py):
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/lbc_paths.py PATH TINY_MODEL DATA OUT GRAD_ACCUM [DS_CONFIG]
+    python -m torch.distributed.run --nproc_per_node 2 tests/lbc_paths.py PATH[,PATH...] TINY_MODEL DATA OUT GRAD_ACCUM [DS_CONFIG]
 
 PATH: ``loop`` (`loramoe train`, DDP), ``fsdp`` (--fsdp), ``deepspeed`` (--deepspeed DS_CONFIG), ``trainer``
 (`LoraMoeTrainer`), ``trl`` (`LoraMoeSFTTrainer`), ``trainer-deepspeed`` (`LoraMoeTrainer` with DS_CONFIG as
-``TrainingArguments.deepspeed``). Every path starts from `adapter_model` and writes the adapter to OUT.
+``TrainingArguments.deepspeed``). Every path starts from `adapter_model` and writes its adapter to OUT/PATH; the
+paths of one launch run one after the other in the same processes (one start-up for several).
 """
 
 from __future__ import annotations
@@ -84,11 +85,11 @@ def run(path: str, tiny_model: str, data_file: str, out: str, grad_accum: int, d
     trainer.save_model(out)
 
 
-def launch(path: str, nproc: int, tiny_model: str, data_file: str, out: str, grad_accum: int,
+def launch(paths: list[str], nproc: int, tiny_model: str, data_file: str, out: str, grad_accum: int,
            ds_config: str | None = None) -> subprocess.CompletedProcess:
-    """`run` in ``nproc`` processes under torchrun (gloo on CPU)."""
+    """`run` for each of ``paths`` in ``nproc`` processes under torchrun (gloo on CPU)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-               path, tiny_model, data_file, out, str(grad_accum), *([ds_config] if ds_config else [])]  # fmt: skip
+               ",".join(paths), tiny_model, data_file, out, str(grad_accum), *([ds_config] if ds_config else [])]  # fmt: skip
     return subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
 
@@ -103,4 +104,5 @@ def write_data(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] if len(sys.argv) > 6 else None)
+    for name in sys.argv[1].split(","):
+        run(name, sys.argv[2], sys.argv[3], str(Path(sys.argv[4]) / name), int(sys.argv[5]), *sys.argv[6:])

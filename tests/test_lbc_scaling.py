@@ -15,6 +15,7 @@ Tolerances: 2e-6 (our loop, FSDP, DeepSpeed ZeRO-2: Adam, lr 1e-2) and 1e-5 (SGD
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import peft
@@ -29,6 +30,7 @@ from loramoe.loading import load_tokenizer
 from loramoe.train import SampleStream
 
 REPO = Path(__file__).resolve().parent.parent
+HAVE_TRL = importlib.util.find_spec("trl") is not None
 LOOP_TOLERANCE, SGD_TOLERANCE = 2e-6, 1e-5
 
 
@@ -76,48 +78,55 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def two_processes(path: str, tiny, data, out: Path, ds_config: str | None = None) -> dict[str, torch.Tensor]:
-    proc = launch(path, 2, str(tiny), data, str(out), 2, ds_config)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return adapter(out)
-
-
 def test_our_loop(tiny_llama_dir, lbc_data, tmp_path):
     expected = reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)
     run("loop", str(tiny_llama_dir), lbc_data, str(tmp_path / "1x4"), 4)
     assert max_diff(adapter(tmp_path / "1x4"), expected) < LOOP_TOLERANCE
-    assert max_diff(two_processes("loop", tiny_llama_dir, lbc_data, tmp_path / "2x2"), expected) < LOOP_TOLERANCE
     # the comparison can fail: the LBC weighed x 2 moves the update by 2 x lr in places
     assert max_diff(reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True, beta=2 * BETA), expected) > LR
 
 
-@pytest.mark.slow
-def test_our_loop_four_processes(tiny_llama_dir, lbc_data, tmp_path):
-    proc = launch("loop", 4, str(tiny_llama_dir), lbc_data, str(tmp_path / "4x1"), 1)
+@pytest.mark.parametrize("path", ["trainer", "trl"])
+def test_hf_trainers(path, tiny_llama_dir, lbc_data, tmp_path):
+    if path == "trl" and not HAVE_TRL:
+        pytest.skip("trl is not installed")
+    run(path, str(tiny_llama_dir), lbc_data, str(tmp_path / "1x4"), 4)
+    expected = reference(str(tiny_llama_dir), lbc_data, SEQUENTIAL, adam=False)
+    assert max_diff(adapter(tmp_path / "1x4"), expected) < SGD_TOLERANCE
+
+
+def test_two_processes(tiny_llama_dir, lbc_data, tmp_path):
+    """2 processes x 2 accumulation steps, every path without DeepSpeed (our loop with DDP and with --fsdp,
+    LoraMoeTrainer, LoraMoeSFTTrainer) in one torchrun launch, one after the other."""
+    paths = ["loop", "fsdp", "trainer", *(["trl"] if HAVE_TRL else [])]
+    proc = launch(paths, 2, str(tiny_llama_dir), lbc_data, str(tmp_path), 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert max_diff(adapter(tmp_path / "4x1"), reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)) < LOOP_TOLERANCE
+    adam = reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)
+    sgd = reference(str(tiny_llama_dir), lbc_data, SEQUENTIAL, adam=False)
+    for path in paths:
+        expected, tolerance = (adam, LOOP_TOLERANCE) if path in ("loop", "fsdp") else (sgd, SGD_TOLERANCE)
+        assert max_diff(adapter(tmp_path / path), expected) < tolerance, path
 
 
-def test_fsdp(tiny_llama_dir, lbc_data, tmp_path):
-    expected = reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)
-    assert max_diff(two_processes("fsdp", tiny_llama_dir, lbc_data, tmp_path / "2x2"), expected) < LOOP_TOLERANCE
+@pytest.mark.slow
+def test_four_processes(tiny_llama_dir, lbc_data, tmp_path):
+    proc = launch(["loop", "trainer"], 4, str(tiny_llama_dir), lbc_data, str(tmp_path), 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_diff(adapter(tmp_path / "loop"), reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)) < LOOP_TOLERANCE
+    assert max_diff(adapter(tmp_path / "trainer"), reference(str(tiny_llama_dir), lbc_data, SEQUENTIAL, adam=False)) < SGD_TOLERANCE
 
 
 def test_deepspeed(tiny_llama_dir, lbc_data, tmp_path):
+    """ZeRO-2 (the shipped examples/deepspeed/zero2.json) through `loramoe train` and through `LoraMoeTrainer`,
+    2 processes x 2 accumulation steps."""
     pytest.importorskip("deepspeed")
-    expected = reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)
-    sharded = two_processes("deepspeed", tiny_llama_dir, lbc_data, tmp_path / "2x2", str(REPO / "examples/deepspeed/zero2.json"))
-    assert max_diff(sharded, expected) < LOOP_TOLERANCE
-
-
-@pytest.mark.parametrize("path", ["trainer", "trl"])
-def test_hf_trainers(path, tiny_llama_dir, lbc_data, tmp_path):
-    if path == "trl":
-        pytest.importorskip("trl")
-    expected = reference(str(tiny_llama_dir), lbc_data, SEQUENTIAL, adam=False)
-    run(path, str(tiny_llama_dir), lbc_data, str(tmp_path / "1x4"), 4)
-    assert max_diff(adapter(tmp_path / "1x4"), expected) < SGD_TOLERANCE
-    assert max_diff(two_processes(path, tiny_llama_dir, lbc_data, tmp_path / "2x2"), expected) < SGD_TOLERANCE
+    proc = launch(["deepspeed", "trainer-deepspeed"], 2, str(tiny_llama_dir), lbc_data, str(tmp_path), 2,
+                  str(REPO / "examples" / "deepspeed" / "zero2.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loop = reference(str(tiny_llama_dir), lbc_data, loop_groups(), adam=True)
+    assert max_diff(adapter(tmp_path / "deepspeed"), loop) < LOOP_TOLERANCE
+    sgd = reference(str(tiny_llama_dir), lbc_data, SEQUENTIAL, adam=False)
+    assert max_diff(adapter(tmp_path / "trainer-deepspeed"), sgd) < SGD_TOLERANCE
 
 
 def test_plain_trainer_counts_the_lbc_once_per_micro_batch(tiny_llama_dir, lbc_data, tmp_path):
