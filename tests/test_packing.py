@@ -164,13 +164,15 @@ def test_blc_count_padding_is_refused_with_packing():
         model(**PackingCollator(PAD, max_seq_len=16)(make_items()))
 
 
-def test_sample_index_must_fit_the_batch():
+def test_sample_index_must_fit_the_batch_and_no_cache():
     model = loramoe_model("llama", "sdpa")
     packed = PackingCollator(PAD, max_seq_len=16)(make_items())
     with pytest.raises(ValueError, match="^sample_index holds values outside -1..6"):
         model(**{**packed, "task_types": packed["task_types"][:7]})
     with pytest.raises(ValueError, match="^sample_index has shape"):
         model(**{**packed, "sample_index": packed["sample_index"][:, 1:]})
+    with pytest.raises(ValueError, match="^use_cache: True with a packed batch"):  # a cache turns detection off
+        model(**packed, use_cache=True)
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
