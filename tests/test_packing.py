@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import peft
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
 
+from conftest import VOCAB, tiny_model
 from loramoe import LoraMoeConfig
 from loramoe.balance import importance, localized_balancing_loss, packed_importance
 from loramoe.data import InstructionCollator

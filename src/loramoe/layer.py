@@ -25,7 +25,6 @@ from torch import nn
 from .config import LoraMoeConfig
 from .quantization import check_base_layer
 
-
 _HALF = (torch.bfloat16, torch.float16)
 
 

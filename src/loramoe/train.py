@@ -376,7 +376,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator, cfg: TrainConfig, acc: Any) -> dict:
+def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator | PackingCollator, cfg: TrainConfig,
+              acc: Any) -> dict:
     """Token-weighted LM loss over the eval file (sharded over processes), and the mean LBC for loramoe.
 
     Every rank runs the same number of forwards (FSDP gathers parameters inside them); a rank that has run out
