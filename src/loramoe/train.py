@@ -595,7 +595,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 )
             if state["step"] >= total_steps:
                 raise ValueError(f"max_steps: the run would end at step {total_steps}, but {path} is at step "
-                                 f"{state['step']} (expected more steps than the checkpoint's)")  # fmt: skip
+                                 f"{state['step']} (expected more steps than the checkpoint's; its adapter/ folder "
+                                 "holds the weights of that step)")  # fmt: skip
 
         start_step, resumed_from, tokens_seen = 0, None, 0
         metrics_log = out / "metrics.jsonl"
@@ -619,6 +620,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             if changed:
                 acc.print(f"resume: settings changed since {path.name}, applied from step {start_step + 1}: "
                           f"{_describe_changes(changed)}")  # fmt: skip
+            unrecorded = sorted(set(invariants) - set(state.get("invariants", {})))
+            if unrecorded:  # written by an older loramoe: resumable, but these cannot be checked
+                acc.print(f"warning: {path} does not record {', '.join(unrecorded)} (written by an older loramoe), so "
+                          "they were not checked: the run continues as if they were the settings given now")  # fmt: skip
         elif cfg.resume:
             acc.print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
             if acc.is_main_process:
