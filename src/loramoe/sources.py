@@ -116,7 +116,10 @@ def _read_saved(path: Path, split: str | None) -> list[dict]:
         raise SourceError(path, "is a folder, but not one written by Dataset.save_to_disk or DatasetDict.save_to_disk "
                                 "(no dataset_info.json or dataset_dict.json; expected a JSON list or JSON-lines file, "
                                 "a .parquet / .arrow file or a save_to_disk folder)")  # fmt: skip
-    loaded = _datasets(path).load_from_disk(str(path))
+    try:
+        loaded = _datasets(path).load_from_disk(str(path))
+    except IndexError:  # what datasets raises for a Dataset saved with 0 rows (it has no data file to load)
+        raise SourceError(path, "the dataset is empty (0 rows)") from None
     if _is_dataset_dict(path):
         splits = list(loaded)
         if split is None and len(splits) == 1:
