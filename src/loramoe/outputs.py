@@ -31,12 +31,14 @@ LOCK = ".loramoe-lock"  # flock()ed by the command running in the folder; names 
 
 def write_text(path: Path, text: str) -> None:
     """Write a file atomically (a ``.tmp`` sibling renamed into place; removed again if the write fails, e.g.
-    on a full disk, so no empty ``.tmp`` is left behind)."""
+    on a full disk, so no empty ``.tmp`` is left behind, and the failure names it: Python's does not)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(tmp)) from None
         raise
     os.replace(tmp, path)
 
@@ -167,7 +169,11 @@ class OutputDir:
         import socket
         import time
 
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # e.g. a read-only file system: name the folder, not our lock file in it
+            raise type(e)(e.errno, f"{e.strerror} (expected a folder that can be written, for {self.key})",
+                          str(self.path)) from None  # fmt: skip
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
