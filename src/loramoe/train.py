@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -217,10 +218,15 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number such a
                list: "a list", dict: "a mapping (NAME: VALUE)"}  # fmt: skip
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
 def _expected_type(name: str, value: Any) -> str | None:
     """What field ``name`` takes, when ``value`` is not of that type (``None``: it is). An int is a float here,
     a bool is neither, a path is a string; ``data`` takes one spec or a list (see `loramoe.data.parse_data_spec`)."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = _field_types()[name]
     kinds = [typing.get_origin(t) or t for t in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
              types.UnionType) else (hint,))]  # fmt: skip
     if name == "data" or (value is None and type(None) in kinds) or Any in kinds:
