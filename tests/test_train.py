@@ -667,8 +667,8 @@ def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_first(tiny_l
     import socket
 
     out = tmp_path / "busy"
-    cfg = make_cfg(tiny_llama_dir, short_data, out, max_steps=6, save_every=2)
-    first = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg.to_dict()), "0.3"], stdout=subprocess.PIPE,
+    cfg = make_cfg(tiny_llama_dir, short_data, out, max_steps=4, save_every=2)
+    first = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg.to_dict()), "0.5"], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.time() + 240
@@ -677,7 +677,7 @@ def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_first(tiny_l
         assert first.poll() is None, first.stdout.read()
         for resume in (False, True):
             code = cli.main(["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out),
-                             "--max-steps", "6"] + (["--resume"] if resume else []))  # fmt: skip
+                             "--max-steps", "4"] + (["--resume"] if resume else []))  # fmt: skip
             err = capsys.readouterr().err
             assert code == 2 and len(err.splitlines()) == 1, err
             assert err.startswith(f"loramoe train: error: {out}: in use by loramoe train (pid {first.pid} on "
@@ -686,8 +686,8 @@ def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_first(tiny_l
     finally:
         first.kill()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=8, save_every=2, resume=True))  # released at its end
+    assert steps == [1, 2, 3, 4]
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=5, save_every=2, resume=True))  # released at its end
 
 
 def test_the_logged_lr_is_the_one_each_step_applied(tiny_llama_dir, short_data, tmp_path, lr_spy):
@@ -755,18 +755,18 @@ def test_a_full_disk_names_the_file_leaves_nothing_half_written_and_resumes(tiny
 
 
 def test_a_real_full_disk_and_a_read_only_folder(tiny_llama_dir, short_data, tmp_path, capsys):
-    """The same on a 2 MB tmpfs (mounting one needs root: skipped elsewhere), then the folder made read-only."""
+    """The same on a 1 MB tmpfs (mounting one needs root: skipped elsewhere), then the folder made read-only."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
                                            capture_output=True).returncode:  # fmt: skip
         pytest.skip("needs root to mount a tmpfs")
     try:
         out = disk / "run"
         argv = ["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out), "--num-experts",
-                "4", "--r", "2", "--max-seq-len", "64", "--batch-size", "4", "--max-steps", "20", "--save-every", "1",
-                "--keep-last", "20", "--no-progress"]  # fmt: skip
-        assert cli.main(argv) == 1  # 20 checkpoints do not fit
+                "4", "--r", "2", "--max-seq-len", "64", "--batch-size", "4", "--max-steps", "10", "--save-every", "1",
+                "--keep-last", "10", "--no-progress"]  # fmt: skip
+        assert cli.main(argv) == 1  # 10 checkpoints (164 kB each) do not fit
         err = capsys.readouterr().err.splitlines()[-1]
         assert re.fullmatch(rf"loramoe train: error: {out}/checkpoints/\.tmp-checkpoint-\d+/\S+: no space left on the "
                             r"device \(free some space, .*\)", err), err  # fmt: skip
@@ -783,7 +783,7 @@ def test_a_real_full_disk_and_a_read_only_folder(tiny_llama_dir, short_data, tmp
             shutil.rmtree(old)
         assert cli.main([*argv, "--keep-last", "1", "--resume"]) == 0, capsys.readouterr().err
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        assert cli.main([*argv, "--max-steps", "30", "--resume"]) == 2
+        assert cli.main([*argv, "--max-steps", "12", "--resume"]) == 2
         assert capsys.readouterr().err.splitlines()[-1] == (f"loramoe train: error: {out}: Read-only file system "
                                                             "(expected a folder that can be written, for --output-dir)")
     finally:
@@ -873,5 +873,6 @@ def test_the_reference_codes_data_trains_under_default_flags(tiny_llama_dir, ref
     assert report["files"][0]["prompt_tokens_cut"] == sum(sizes[i] - 1024 for i in too_long)
     assert f"{len(too_long)} prompts cut in the middle" in capsys.readouterr().out
     # the strict behaviour stops at the first over-long record (a JSON list written with indent 4: 6 lines each)
-    with pytest.raises(DataError, match=rf"downstream\.json:{2 + 6 * too_long[0]}: the response is truncated away"):
+    first = too_long[0]
+    with pytest.raises(DataError, match=rf"downstream\.json:{2 + 6 * first} \(record {first + 1}\): the response is truncated"):
         load_instruction_data(downstream, load_tokenizer(str(tiny_llama_dir)), max_seq_len=1024, fit_prompt=False)

@@ -356,7 +356,11 @@ def _check_output_dir(cfg: TrainConfig, out: Path, lock: bool) -> OutputDir:
     outdir = OutputDir(out, "--output-dir", {"--model": model_folder(cfg.model)}, owner="train")
     if lock and out.is_dir():
         outdir.lock("train")
-    _check_earlier_run(cfg, out)
+    try:
+        _check_earlier_run(cfg, out)
+    except BaseException:
+        outdir.unlock()
+        raise
     return outdir
 
 
