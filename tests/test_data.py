@@ -55,9 +55,9 @@ def test_json_list_records_keep_their_line_numbers(tmp_path, byte_tokenizer):
     path.write_text('[\n  {"instruction": "a", "output": "b", "task_type": 1},\n\n  {"instruction": "c",\n'
                     '   "output": "d", "task_type": 0}\n]\n')
     records, problems = read_records(path)
-    assert [line for line, _ in records] == [2, 4] and problems == []
+    assert [(place.line, int(place)) for place, _ in records] == [(2, 1), (4, 2)] and problems == []
     data = load_instruction_data(path, byte_tokenizer)
-    assert [s.source.rsplit(":", 1)[1] for s in data.samples] == ["2", "4"]
+    assert [s.source.rsplit(":", 1)[1] for s in data.samples] == ["2 (record 1)", "4 (record 2)"]
     assert "input" not in json.loads(path.read_text())[0]  # input is optional
 
 
@@ -111,6 +111,27 @@ def test_parse_data_spec_forms():
     assert parse_data_spec({"path": "y.json", "weight": 3})[1] == 3.0
     with pytest.raises(DataError, match="weight must be a finite number > 0"):
         parse_data_spec(("x.jsonl", 0))
+    for spec, shown in [("x.jsonl:-1", "-1.0"), ("x.jsonl:+inf", "inf"), ("x.jsonl:NaN", "nan"),
+                        ({"path": "x.jsonl", "weight": "fast"}, "'fast'")]:  # fmt: skip
+        with pytest.raises(DataError, match=rf"^x\.jsonl: mixing weight must be a finite number > 0, got {shown}$"):
+            parse_data_spec(spec)
+
+
+def test_a_json_list_on_one_line_tells_its_records_apart(tmp_path, byte_tokenizer):
+    """json.dump writes a list on one line: each record is placed by its index too, and counted in the mix."""
+    records = [rec(task_type=i % 2) for i in range(16)]
+    records[6] = {"instruction": "x", "task_type": 0}  # record 7 has no output
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1 \(record 7\): missing field 'output'"):
+        load_instruction_data(path, byte_tokenizer)
+    data = load_instruction_data(path, byte_tokenizer, skip_bad=True)
+    assert [s.source for s in data.samples][:7] == [f"{path}:1 (record {i})" for i in (1, 2, 3, 4, 5, 6, 8)]
+    assert data.report.skipped == [f"{path}:1 (record 7): missing field 'output' (a record needs 'instruction', "
+                                   "'output' and 'task_type')"]  # fmt: skip
+    types = data.report.task_types()
+    assert (types["downstream"]["records"], types["knowledge"]["records"]) == (8, 8)
+    assert (types["downstream"]["skipped"], types["downstream"]["used"], types["knowledge"]["used"]) == (1, 7, 8)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
@@ -126,6 +147,9 @@ BAD_CASES = [  # (line content, expected message fragment)
     (json.dumps({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "a"}],
                  "task_type": 0}), "messages[0].role 'wizard' is not a chat role"),
     ("[1, 2]", "expected a JSON object"),
+    (json.dumps(rec(inp="\ud800")), "field 'input' holds '\\ud800', a lone UTF-16 surrogate, not text"),
+    (json.dumps({"messages": [{"role": "user", "content": "a\udfff"}, {"role": "assistant", "content": "b"}],
+                 "task_type": 0}), "messages[0].content holds '\\udfff', a lone UTF-16 surrogate"),
 ]
 
 

@@ -127,3 +127,35 @@ def test_a_foreign_dangling_symlink_is_not_replaced(tmp_path):
     with pytest.raises(FileExistsError, match="eval.json: exists and was not written by loramoe"):
         out.publish(staging)
     assert (out.path / "eval.json").is_symlink()
+
+
+def test_each_command_overwrites_only_what_it_wrote(tmp_path):
+    """`eval --out` into a training run's folder, then `train --overwrite` there: the evaluation stays."""
+    train = OutputDir(tmp_path / "run", "--output-dir", owner="train").create()
+    train.record(["metrics.jsonl", "checkpoints"])
+    (train.path / "metrics.jsonl").write_text("{}")
+    (train.path / "checkpoints").mkdir()
+    evaluation = OutputDir(tmp_path / "run", "--out", owner="eval")
+    evaluation.record(["eval.json"])
+    (train.path / "eval.json").write_text("{}")
+    assert json.loads((train.path / MANIFEST).read_text()) == {
+        "written_by": "loramoe", "entries": ["metrics.jsonl", "checkpoints", "eval.json"],
+        "owners": {"metrics.jsonl": "train", "checkpoints": "train", "eval.json": "eval"}}  # fmt: skip
+    assert OutputDir(tmp_path / "run", "--output-dir", owner="train").remove_owned() == ["eval.json"]
+    assert sorted(p.name for p in train.path.iterdir()) == ["eval.json", MANIFEST]
+    # entries listed before owners were recorded go with whichever command overwrites them, as they did
+    (train.path / MANIFEST).write_text(json.dumps({"written_by": "loramoe", "entries": ["eval.json"]}))
+    assert OutputDir(tmp_path / "run", "--output-dir", owner="train").remove_owned() == []
+    assert sorted(p.name for p in train.path.iterdir()) == [MANIFEST]
+
+
+def test_a_locked_folder_refuses_a_second_holder_until_released(tmp_path):
+    first = OutputDir(tmp_path, "--output-dir")
+    first.lock("train")
+    second = OutputDir(tmp_path, "--output-dir")
+    with pytest.raises(FileExistsError, match=rf"^{tmp_path}: in use by loramoe train \(pid {os.getpid()} on "):
+        second.lock("train")
+    assert second.foreign() == []  # the lock file is loramoe's
+    first.unlock()
+    second.lock("train")
+    second.unlock()

@@ -172,6 +172,17 @@ def test_unreadable_sources_name_the_path(tmp_path, byte_tokenizer):
     assert skipped.report.skipped == [f"{tmp_path / 'empty.parquet'}: the dataset is empty (0 rows)"]
 
 
+def test_an_empty_save_to_disk_dataset_is_named_empty(tmp_path, byte_tokenizer):
+    """datasets itself fails to load a Dataset saved with 0 rows (IndexError: it has no data file)."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'empty'}: the dataset is empty \\(0 rows\\)$"):
+        load_instruction_data(tmp_path / "empty", byte_tokenizer)
+    skipped = load_instruction_data([tmp_path / "empty", _jsonl(tmp_path / "ok.jsonl", RECORDS)], byte_tokenizer,
+                                    skip_bad=True)  # fmt: skip
+    assert skipped.report.skipped == [f"{tmp_path / 'empty'}: the dataset is empty (0 rows)"]
+
+
 def test_hub_id_offline_fails_with_one_line(tmp_path, monkeypatch, capsys, tiny_llama_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

@@ -101,7 +101,7 @@ def make_tasks(
         tok = load_tokenizer(tokenizer)
     records = {name: "".join(json.dumps(_doc(s, tok)) + "\n" for s in by_task[task]) for name, task in names.items()}
     entries = [f"{name}{suffix}" for name in names for suffix in (".yaml", ".jsonl")]
-    folder = OutputDir(out_dir, "--out").claim(entries).create()  # only its own files are replaced (loramoe.outputs)
+    folder = OutputDir(out_dir, "--out", owner="lm-eval").claim(entries).create()  # only its own files are replaced (loramoe.outputs)
     folder.record(entries)
     out = folder.path
     written: dict[str, Path] = {}

@@ -125,6 +125,8 @@ def _read_saved(path: Path, split: str | None, default_split: str | None) -> lis
     datasets = _datasets(path)
     try:
         loaded = datasets.load_from_disk(str(path))
+    except IndexError:  # what datasets raises for a Dataset saved with 0 rows (it has no data file to load)
+        raise SourceError(path, "the dataset is empty (0 rows)") from None
     except Exception as e:  # a missing or damaged shard, a newer format, ...: the library's own words, one line
         raise SourceError(path, f"does not load as a save_to_disk folder ({_first_line(e)})") from None
     if _is_dataset_dict(path):
