@@ -107,6 +107,8 @@ def test_requests_that_cannot_apply_are_refused(tmp_path, tiny_llama_dir, ds_dat
         make_cfg(tiny_llama_dir, ds_data, tmp_path / "a", fsdp=True, deepspeed=str(EXAMPLES / "zero2.json"))
     with pytest.raises(ValueError, match=r"^quantize: 'nf4' with --deepspeed"):
         make_cfg(tiny_llama_dir, ds_data, tmp_path / "b", quantize="nf4", deepspeed=str(EXAMPLES / "zero2.json"))
+    with pytest.raises(ValueError, match=r"^dtype: 'bfloat16' with --deepspeed \(expected float32"):
+        make_cfg(tiny_llama_dir, ds_data, tmp_path / "b", dtype="bfloat16", deepspeed=str(EXAMPLES / "zero2.json"))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(ValueError, match=r"^deepspeed: DeepSpeed runs under a launcher"):
         train(make_cfg(tiny_llama_dir, ds_data, tmp_path / "c", deepspeed=str(EXAMPLES / "zero2.json")))
