@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from conftest import NaiveLoraMoe
 from loramoe import LoraMoeConfig
-from loramoe.layer import Linear, _mix_experts_op
+from loramoe.layer import Linear, _mix_experts_backward_op, _mix_experts_op
 
 from test_train import adapter_tensors, make_cfg, max_diff, short_data  # noqa: F401  (short_data: a fixture)
 
@@ -148,13 +148,19 @@ def test_compiled_layer_saves_no_more_for_backward_than_eager():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_operator_passes_opcheck(dtype):
-    """Schema, fake (meta) implementation, autograd registration and tracing, with and without a dropout mask."""
+def test_operators_pass_opcheck(dtype):
+    """Schema, fake (meta) implementation, autograd registration and tracing of the forward and the backward
+    operator, with and without a dropout mask, and with the input gradient not needed."""
     g = torch.Generator().manual_seed(0)
-    x, router, A, B = (torch.randn(*s, generator=g, dtype=dtype, requires_grad=True)
-                       for s in [(10, 24), (3, 24), (12, 24), (40, 12)])  # fmt: skip
+    x, router, A, B = (torch.randn(*s, generator=g, dtype=dtype) for s in [(10, 24), (3, 24), (12, 24), (40, 12)])
     for keep in (None, torch.rand(10, 24, generator=g) >= 0.3):
-        torch.library.opcheck(_mix_experts_op, (x, router, A, B, keep, 1.7))
+        inputs = [t.clone().requires_grad_() for t in (x, router, A, B)]
+        torch.library.opcheck(_mix_experts_op, (*inputs, keep, 1.7))
+        _, weights, h = _mix_experts_op(x, router, A, B, keep, 1.7)
+        grads = (torch.randn(10, 40, generator=g, dtype=dtype), torch.randn(weights.shape, dtype=weights.dtype))
+        for needs in ([True] * 4, [False, True, True, True]):
+            args = (*grads, x, keep, router, A, B, h, weights, 1.7, needs)
+            torch.library.opcheck(_mix_experts_backward_op, args)
 
 
 def test_operator_gradients_against_finite_differences():

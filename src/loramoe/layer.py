@@ -11,8 +11,8 @@ What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling an
 output GEMM (addmm_ into the base output, no full-size temporary), and a custom autograd Function saves x, a
 1-byte dropout mask, h and the router weights instead of every intermediate.
 
-Under torch.compile the same maths runs as the opaque operator ``loramoe::mix_experts`` with the same hand-written
-backward (`torch.library.custom_op`): the compiler neither traces an in-place update of a Function's input (the
+Under torch.compile the same forward and backward run as opaque operators (``loramoe::mix_experts`` and its
+backward, `torch.library.custom_op`): the compiler neither traces an in-place update of a Function's input (a
 source of silent wrong gradients, PyTorch #180642) nor re-chooses what is saved for backward; it adds the base
 output itself, where it can fuse the add into the next elementwise op.
 """
@@ -151,23 +151,45 @@ class _MixExperts(torch.autograd.Function):
         return grad_x, grad_out if need_residual else None, grad_router, grad_A, grad_B, None, None
 
 
+# Under torch.compile: the same forward and backward as two opaque operators. The compiler traces only their fake
+# (shape) functions and `_save_for_op_backward`; what runs is this file's code, also when a compiled graph comes
+# from PyTorch's on-disk cache (a traced backward would be cached: an edited formula could then be served stale).
 @torch.library.custom_op(
     "loramoe::mix_experts", mutates_args=(),
     schema="(Tensor x, Tensor router, Tensor lora_A, Tensor lora_B, Tensor? keep, float scale) -> (Tensor, Tensor, Tensor)",
 )  # fmt: skip
 def _mix_experts_op(x, router, lora_A, lora_B, keep, scale):
-    """`_experts_forward` without a residual, as one operator: (scale * hs B^T, router weights, h)."""
+    """`_experts_forward` without a residual: (scale * hs B^T, router weights, h)."""
     return _experts_forward(x, None, router, lora_A, lora_B, keep, scale)
 
 
 @_mix_experts_op.register_fake
 def _(x, router, lora_A, lora_B, keep, scale):
-    t, n = x.shape[0], router.shape[0]
     weights_dtype = torch.promote_types(x.dtype, torch.float32)
-    return x.new_empty(t, lora_B.shape[0]), x.new_empty(t, n, dtype=weights_dtype), x.new_empty(t, lora_A.shape[0])
+    t = x.shape[0]
+    return x.new_empty(t, lora_B.shape[0]), x.new_empty(t, router.shape[0], dtype=weights_dtype), x.new_empty(t, lora_A.shape[0])
 
 
-def _setup_op_context(ctx, inputs, output):
+@torch.library.custom_op(
+    "loramoe::mix_experts_backward", mutates_args=(),
+    schema="(Tensor grad_out, Tensor grad_weights, Tensor x, Tensor? keep, Tensor router, Tensor lora_A, "
+           "Tensor lora_B, Tensor h, Tensor weights, float scale, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)",
+)  # fmt: skip
+def _mix_experts_backward_op(grad_out, grad_weights, x, keep, router, lora_A, lora_B, h, weights, scale, needs):
+    """`_experts_backward`; a gradient that is not needed comes back empty (an operator returns tensors)."""
+    saved = (x, keep, router, lora_A, lora_B, h, weights)
+    grads = _experts_backward(saved, scale, tuple(needs), grad_out, grad_weights)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_mix_experts_backward_op.register_fake
+def _(grad_out, grad_weights, x, keep, router, lora_A, lora_B, h, weights, scale, needs):
+    grad_B = x.new_empty(lora_B.shape[::-1]).T  # the layout `_experts_backward` gives it
+    grads = (x.new_empty(x.shape), x.new_empty(router.shape), x.new_empty(lora_A.shape), grad_B)
+    return tuple(g if need else x.new_empty(0) for g, need in zip(grads, needs))
+
+
+def _save_for_op_backward(ctx, inputs, output):
     x, router, lora_A, lora_B, keep, scale = inputs
     _, weights, h = output
     ctx.save_for_backward(x, keep, router, lora_A, lora_B, h, weights)
@@ -176,11 +198,14 @@ def _setup_op_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_out, grad_weights, _grad_h):
-    grads = _experts_backward(ctx.saved_tensors, ctx.scale, ctx.needs_input_grad[:4], grad_out, grad_weights)
-    return *grads, None, None
+    x, keep, router, lora_A, lora_B, h, weights = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _mix_experts_backward_op(grad_out, grad_weights, x, keep, router, lora_A, lora_B, h, weights, ctx.scale,
+                                     needs)  # fmt: skip
+    return *(g if need else None for g, need in zip(grads, needs)), None, None
 
 
-_mix_experts_op.register_autograd(_op_backward, setup_context=_setup_op_context)
+_mix_experts_op.register_autograd(_op_backward, setup_context=_save_for_op_backward)
 
 
 def _inplace_root(residual: torch.Tensor) -> torch.Tensor | None:
