@@ -147,6 +147,24 @@ def test_compiled_layer_saves_no_more_for_backward_than_eager():
     assert compiled <= eager, (compiled, eager)
 
 
+def test_compiled_backward_runs_the_layers_code(monkeypatch):
+    """The compiled graph calls the backward operator at run time instead of a traced copy of the formula: PyTorch
+    does not key its on-disk compile cache on a custom op's autograd formula (pytorch#144344), so a traced copy
+    could outlive an edit of it. (Caches off here, so the check does not depend on what a cache holds.)"""
+    import loramoe.layer
+
+    layer = _layer(dropout=0.1)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(layer, fullgraph=True)
+        compiled(x).sum().backward()  # traced and compiled here
+        calls = []
+        backward = loramoe.layer._experts_backward
+        monkeypatch.setattr(loramoe.layer, "_experts_backward", lambda *a: calls.append(1) or backward(*a))
+        compiled(x).sum().backward()
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_operators_pass_opcheck(dtype):
     """Schema, fake (meta) implementation, autograd registration and tracing of the forward and the backward

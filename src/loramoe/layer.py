@@ -11,7 +11,7 @@ What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling an
 output GEMM (addmm_ into the base output, no full-size temporary), and a custom autograd Function saves x, a
 1-byte dropout mask, h and the router weights instead of every intermediate.
 
-Under torch.compile the same forward and backward run as opaque operators (``loramoe::mix_experts`` and its
+Under torch.compile the same forward and backward run as opaque operators (``loramoe::experts`` and its
 backward, `torch.library.custom_op`): the compiler neither traces an in-place update of a Function's input (a
 source of silent wrong gradients, PyTorch #180642) nor re-chooses what is saved for backward; it adds the base
 output itself, where it can fuse the add into the next elementwise op.
@@ -155,7 +155,7 @@ class _MixExperts(torch.autograd.Function):
 # (shape) functions and `_save_for_op_backward`; what runs is this file's code, also when a compiled graph comes
 # from PyTorch's on-disk cache (a traced backward would be cached: an edited formula could then be served stale).
 @torch.library.custom_op(
-    "loramoe::mix_experts", mutates_args=(),
+    "loramoe::experts", mutates_args=(),
     schema="(Tensor x, Tensor router, Tensor lora_A, Tensor lora_B, Tensor? keep, float scale) -> (Tensor, Tensor, Tensor)",
 )  # fmt: skip
 def _mix_experts_op(x, router, lora_A, lora_B, keep, scale):
@@ -171,7 +171,7 @@ def _(x, router, lora_A, lora_B, keep, scale):
 
 
 @torch.library.custom_op(
-    "loramoe::mix_experts_backward", mutates_args=(),
+    "loramoe::experts_backward", mutates_args=(),
     schema="(Tensor grad_out, Tensor grad_weights, Tensor x, Tensor? keep, Tensor router, Tensor lora_A, "
            "Tensor lora_B, Tensor h, Tensor weights, float scale, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)",
 )  # fmt: skip
