@@ -4,6 +4,9 @@ equals the eager one."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 import torch
 import torch._dynamo
@@ -12,8 +15,8 @@ from torch._dynamo.utils import counters
 from conftest import NaiveLoraMoe
 from loramoe import LoraMoeConfig
 from loramoe.layer import Linear, _mix_experts_backward_op, _mix_experts_op
-
-from test_train import adapter_tensors, make_cfg, max_diff, short_data  # noqa: F401  (short_data: a fixture)
+from loramoe.train import TrainConfig, config_from_args, configure_parser, train
+from test_train import adapter_tensors, make_cfg, max_diff
 
 
 @pytest.fixture(autouse=True)
@@ -188,3 +191,49 @@ def test_operator_gradients_against_finite_differences():
                        for s in [(6, 5), (3, 5), (6, 5), (4, 6)])  # fmt: skip
     keep = torch.rand(6, 5, generator=g) >= 0.3
     assert torch.autograd.gradcheck(lambda *t: _mix_experts_op(*t, keep, 1.5)[:2], (x, router, A, B))
+
+
+# ---- a whole training step ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def same_length_data(tmp_path_factory) -> str:
+    """8 samples of one length (one compiled shape), alternating knowledge (1) and downstream (0)."""
+    path = tmp_path_factory.mktemp("data") / "same_length.jsonl"
+    rows = [{"instruction": "Capital?", "input": f"land {i}", "output": f"city {i}", "task_type": i % 2} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_training_equals_eager(tiny_llama_dir, same_length_data, tmp_path, checkpointing):
+    """`train(compile=True)`: the causal LM (LoRAMoE layers, attention, loss) runs as one graph with no graph
+    break, the LBC is in the loss, and 3 steps land on the eager run's adapter within fp32 rounding (inductor
+    sums in other orders; measured 3.7e-7). With gradient checkpointing the only break is PEFT's hook that
+    makes the embeddings' output require grad: the checkpointed blocks compile too."""
+    cfg = {"lora_dropout": 0.0, "gradient_checkpointing": checkpointing}
+    eager = train(make_cfg(tiny_llama_dir, same_length_data, tmp_path / "eager", **cfg))
+    counters.clear()
+    compiled = train(make_cfg(tiny_llama_dir, same_length_data, tmp_path / "compiled", compile=True, **cfg))
+    breaks = dict(counters["graph_break"])
+    if checkpointing:
+        assert breaks and all("requires_grad_" in reason for reason in breaks), breaks
+    else:
+        assert counters["stats"]["unique_graphs"] == 1 and not breaks, breaks
+    for key in ("lm_loss", "blc_loss"):
+        assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-5), key
+    assert compiled.metrics["blc_loss"] > 0
+    assert max_diff(adapter_tensors(tmp_path / "compiled"), adapter_tensors(tmp_path / "eager")) < 1e-5
+
+
+def test_compile_with_fsdp_is_refused():
+    with pytest.raises(ValueError, match="^compile: not supported with --fsdp"):
+        TrainConfig(data=["x.jsonl"], compile=True, fsdp=True)
+
+
+def test_compile_flag_reaches_the_config():
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert config_from_args(parser.parse_args(["--data", "x.jsonl", "--compile"])).compile is True
+    assert config_from_args(parser.parse_args(["--data", "x.jsonl"])).compile is False
