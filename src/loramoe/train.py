@@ -54,10 +54,12 @@ from .data import InstructionCollator, InstructionDataset, check_task_type_names
 from .errors import RunStopped
 from .loading import model_folder
 from .outputs import OutputDir, write_json
+from .packing import PackingCollator, check_packing_supported, real_tokens
 from .quantization import COMPUTE_DTYPES, QUANTIZE, prepare_for_training
 from .quantization import check_options as check_quantization
 
 METHODS = ("loramoe", "lora", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # Settings that fix what a checkpoint's step means (with the training samples' fingerprint, the batch layout
 # and the adapter's shape and scale); resuming with other values would not continue the same run.
@@ -94,6 +96,8 @@ class TrainConfig:
     # data
     task_type_names: dict[str, int] = field(default_factory=dict, metadata={"help": "NAME=TYPE, e.g. cbqa=1 nli=0"})
     max_seq_len: int = field(default=1024, metadata={"help": "longest sample, in tokens"})
+    packing: bool = field(default=False, metadata={"help": "pack each micro-batch's samples into rows of up to "
+                          "max_seq_len tokens (attention and LBC stay per sample; same result as padding)"})  # fmt: skip
     fit_prompt: bool = field(default=True, metadata={"help": "cut an over-long prompt in its middle so the "
                              "response fits (--no-fit-prompt: cut the sample's end and refuse a record whose "
                              "response is cut away entirely)"})  # fmt: skip
@@ -113,6 +117,8 @@ class TrainConfig:
     epochs: float = field(default=1.0, metadata={"help": "passes over the (weighted) data"})
     seed: int = field(default=42, metadata={"help": "seed for adapter init, data order and dropout"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (weights stay fp32)"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the frozen base's weights (adapters and "
+                       "optimizer states stay fp32; the experts compute in the base's dtype)"})  # fmt: skip
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the model's forward and backward (the first steps, and the first of each new "
@@ -148,6 +154,7 @@ class TrainConfig:
             (self.eval_every >= 0, "eval_every", "an integer >= 0"),
             (self.log_every >= 1, "log_every", "an integer >= 1"),
             (self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0"),
+            (self.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -160,6 +167,25 @@ class TrainConfig:
         if self.quantize and (self.method == "full" or self.fsdp):
             raise ValueError(f"quantize: {self.quantize!r} with {'--fsdp' if self.fsdp else 'method full'} (expected "
                              "method loramoe or lora without --fsdp: a quantized base is frozen and not sharded here)")
+        if self.packing and self.blc_count_padding:
+            raise ValueError("packing: set together with blc_count_padding (expected one of them: the reference "
+                             "formula counts each sample's padding positions, which a packed row does not have)")
+        self._check_dtype()
+
+    def _check_dtype(self) -> None:
+        if self.dtype == "float32":
+            return
+        if self.method == "full":
+            raise ValueError(f"dtype: {self.dtype!r} with method full (expected float32: full fine-tuning updates the "
+                             "base's own weights, and AdamW steps on half-precision weights round small updates "
+                             "away; use --bf16 autocast)")  # fmt: skip
+        if self.quantize:
+            raise ValueError(f"dtype: {self.dtype!r} with quantize {self.quantize!r} (expected float32: a quantized "
+                             "base keeps its unquantized parts in fp32; set the 4-bit matmuls' precision with "
+                             "--bnb-compute-dtype)")  # fmt: skip
+        if self.dtype == "float16" and self.bf16:
+            raise ValueError("dtype: 'float16' with --bf16 (expected one of them: bf16 autocast would run a float16 "
+                             "base in bfloat16)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -356,7 +382,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator, cfg: TrainConfig, acc: Any) -> dict:
+def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator | PackingCollator, cfg: TrainConfig,
+              acc: Any) -> dict:
     """Token-weighted LM loss over the eval file (sharded over processes), and the mean LBC for loramoe.
 
     Every rank runs the same number of forwards (FSDP gathers parameters inside them); a rank that has run out
@@ -387,7 +414,7 @@ def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCo
 
 def _model_inputs(batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Only LoRAMoE takes task types (plain LoRA and full models would not know the keyword)."""
-    return batch if cfg.method == "loramoe" else {k: v for k, v in batch.items() if k != "task_types"}
+    return batch if cfg.method == "loramoe" else {k: v for k, v in batch.items() if k not in ("task_types", "sample_index")}
 
 
 def _lm_loss(out: Any) -> torch.Tensor:
@@ -421,12 +448,21 @@ def _forward_backward(
                 outputs = model(**_model_inputs(batch, cfg), num_items_in_batch=num_items)
             acc.backward(outputs["loss"] / cfg.grad_accum)
         lm = _lm_loss(outputs).detach().double() * num_items
-        sums += torch.stack([lm, _blc_loss(outputs).double(), batch["attention_mask"].sum().double()])
+        sums += torch.stack([lm, _blc_loss(outputs).double(), real_tokens(batch).double()])
     grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))  # inf: measure, do not clip
     sums = acc.reduce(sums, reduction="sum")
     lm_loss = (sums[0] / global_tokens).item()
     blc_loss = (sums[1] / (world * cfg.grad_accum)).item()
     return lm_loss, blc_loss, float(_full(grad_norm)), int(sums[2])
+
+
+def _check_base_dtype(model: nn.Module, cfg: TrainConfig) -> None:
+    """A model given in memory must be in the run's --dtype (the run would otherwise record a dtype it did not use)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    have = getattr(base, "dtype", None)  # transformers: the dtype of the first floating-point weight (embeddings)
+    if not cfg.quantize and have is not None and have != DTYPES[cfg.dtype]:
+        raise ValueError(f"dtype: the run says {cfg.dtype!r} but the model given is {str(have).removeprefix('torch.')} "
+                         "(expected a base loaded in that dtype, or a matching --dtype)")  # fmt: skip
 
 
 def _distributed_without_accelerator() -> bool:
@@ -524,11 +560,16 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         if unused:
             raise ValueError(f"task_type_names: {unused} name(s) no record's task_type (expected names that "
                              "appear as 'task_type' in the --data or --eval-file records)")  # fmt: skip
-        collate = InstructionCollator(tokenizer.pad_token_id)
+        pad = tokenizer.pad_token_id
+        collate = PackingCollator(pad, cfg.max_seq_len) if cfg.packing else InstructionCollator(pad)
 
         if model is None:
-            model = load_base_model(cfg.model, quantize=cfg.quantize, bnb_compute_dtype=cfg.bnb_compute_dtype,
-                                    device=acc.device if cfg.quantize else None)  # fmt: skip
+            model = load_base_model(cfg.model, dtype=DTYPES[cfg.dtype], quantize=cfg.quantize,
+                                    bnb_compute_dtype=cfg.bnb_compute_dtype, device=acc.device if cfg.quantize else None)  # fmt: skip
+        _check_base_dtype(model, cfg)
+        if cfg.packing:  # transformers reads the samples of a packed row from position_ids only without a KV cache
+            check_packing_supported(model)
+            model.config.use_cache = False
         model = prepare_model(prepare_for_training(model, cfg.method, cfg.quantize, cfg.bnb_compute_dtype), cfg)
         if cfg.gradient_checkpointing:  # non-reentrant: reentrant checkpointing would drop the LBC's gradient
             kwargs = {"use_reentrant": False}
@@ -740,7 +781,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             choices = {"method": METHODS, "scheduler": tuple(SCHEDULERS), "blc_mode": ("own_group", "reference"),
-                       "quantize": QUANTIZE, "bnb_compute_dtype": COMPUTE_DTYPES}  # fmt: skip
+                       "dtype": tuple(DTYPES), "quantize": QUANTIZE, "bnb_compute_dtype": COMPUTE_DTYPES}  # fmt: skip
             parser.add_argument(*flags, type=base, choices=choices.get(f.name), **common)
 
 
