@@ -249,7 +249,8 @@ def mix_experts(
 
     The router reads the un-dropped input; dropout (one mask shared by all experts) applies to the expert branch
     only. ``residual`` (the base layer's output) is updated in place when its dtype is the compute dtype and it
-    owns its memory: the residual add then costs nothing beyond the output product.
+    owns its memory: the residual add then costs nothing beyond the output product. Under torch.compile the
+    experts run as the operator ``loramoe::experts`` and the compiler adds the residual.
     """
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         raise TypeError(f"mix_experts takes an nn.Dropout or nn.Identity as dropout, not {type(dropout).__name__}.")
