@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict[str, Any] = {"plan": asdict(plan), "command": "python -m benchmarks.gpu_check"
-                              + (" --reduced" if args.reduced else "")}  # fmt: skip
+                              + (" --reduced" if args.reduced else ""), "complete": False}  # fmt: skip
+    path = args.out / "gpu_check.json"
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         sections: list[tuple[str, Callable[[], dict]]] = [
@@ -496,10 +497,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "traceback": traceback.format_exc().splitlines()[-12:]}  # fmt: skip
             report[name]["seconds"] = time.perf_counter() - section_start
             print(f"{name}: {report[name]['status']} ({report[name]['seconds']:.1f} s)", flush=True)
+            path.write_text(json.dumps(report, indent=1, default=str))  # a run cut short keeps what it measured
     report["seconds"] = time.perf_counter() - start
     names = [name for name, _ in sections]
     report["ok"] = not any(report[n]["status"].startswith(("failed", "error")) for n in names)
-    path = args.out / "gpu_check.json"
+    report["complete"] = True
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"{'ok' if report['ok'] else 'NOT ok'}: {report['seconds']:.0f} s; wrote {path}")
     return 0 if report["ok"] else 1

@@ -19,7 +19,7 @@ def test_reduced_gpu_check_writes_every_section(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["ok"] is True and report["plan"]["reduced"] is True
+    assert report["ok"] is True and report["complete"] is True and report["plan"]["reduced"] is True
     for name in ("environment", "parity", "layer_benchmark", "compile_layer"):
         assert report[name]["status"] == "passed", (name, report[name])
     for mode in ("fp32", "bf16_autocast"):
