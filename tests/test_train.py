@@ -487,6 +487,33 @@ def test_resume_applies_a_changed_lr_from_the_resume_step(tiny_llama_dir, short_
         train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, resume=True, seed=1, r=4))
 
 
+@pytest.fixture
+def decay_spy(monkeypatch) -> list[tuple[float, float]]:
+    """(weight decay of the matrices' group, of the vectors' group) at every AdamW step that applies an lr."""
+    decays: list[tuple[float, float]] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        if self.param_groups[0]["lr"] != 0.0:
+            decays.append(tuple(g["weight_decay"] for g in self.param_groups))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return decays
+
+
+def test_resume_applies_a_changed_weight_decay_from_the_resume_step(tiny_llama_dir, short_data, tmp_path, decay_spy):
+    """Like the lr: the loaded optimizer state brings the saved weight decay; the one given now must apply from the
+    resume step on (to the matrices; vectors never decay)."""
+    out, settings = tmp_path / "wd", dict(max_steps=4, save_every=2, weight_decay=0.5)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    result = train(make_cfg(tiny_llama_dir, short_data, out, **{**settings, "weight_decay": 0.25}, resume=True))
+    assert result.resumed_from == 2
+    assert decay_spy == [(0.5, 0.0)] * 4 + [(0.25, 0.0)] * 2
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[2]["event"] == "resume" and events[2]["changed"] == {"weight_decay": [0.5, 0.25]}
+
+
 def test_the_non_finite_loss_advice_followed_literally_works(tiny_llama_dir, short_data, tmp_path, lr_spy, capsys):
     """A NaN at step 5; then the same command with a lower --lr and --resume, as the message says."""
     out = tmp_path / "nan"
@@ -598,6 +625,63 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_intact_one(tiny_lla
     assert "falling back to the next older one" in printed
     assert (out / "checkpoints" / "set-aside" / "checkpoint-4.corrupt").is_dir()
     assert max_diff(adapter_tensors(out), finished) <= 1e-6  # step 2 onwards is the same run again
+
+
+def test_a_checkpoint_set_aside_twice_under_the_same_name_falls_back_again(tiny_llama_dir, short_data, tmp_path, capsys):
+    """Corrupt checkpoint-4, resume (it goes to set-aside/checkpoint-4.corrupt), train past step 4 again (a new
+    checkpoint-4), corrupt that one too and resume again: it is set aside under the same name, replacing the
+    first, and the run falls back to checkpoint-2 again."""
+    out, settings = tmp_path / "twice", dict(max_steps=5, save_every=2, keep_last=2)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    finished = adapter_tensors(out)
+    set_aside = out / "checkpoints" / "set-aside" / "checkpoint-4.corrupt"
+    for attempt in range(2):
+        weights = out / "checkpoints" / "checkpoint-4" / "trainable.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100] + bytes([attempt]) * (weights.stat().st_size - 100))
+        corrupt = weights.read_bytes()
+        result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
+        assert result.resumed_from == 2, attempt
+        assert (set_aside / "trainable.safetensors").read_bytes() == corrupt  # the latest one set aside
+        assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-4"]
+        assert max_diff(adapter_tensors(out), finished) <= 1e-6
+    assert sorted(p.name for p in set_aside.parent.iterdir()) == ["checkpoint-4.corrupt"]
+
+
+def test_a_checkpoint_written_by_an_older_version_resumes_and_says_what_it_cannot_check(tiny_llama_dir, short_data,
+                                                                                         tmp_path, capsys):  # fmt: skip
+    """trainer_state.json as the first loramoe wrote it: no config, stability record or known-good flag, and
+    invariants without those added since. It resumes to the same weights (no KeyError), naming what it could not
+    check."""
+    from loramoe.checkpoint import write_checksums
+
+    out, settings = tmp_path / "old", dict(max_steps=4, save_every=2)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    finished = adapter_tensors(out)
+    (checkpoint,) = checkpoint_dirs(out)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    first = ("method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "knowledge_experts",
+             "target_modules", "global_micro_batch")  # the invariants of the first version (f92a310)
+    old = {"step": 2, "total_steps": 4, "tokens_seen": state["tokens_seen"],
+           "invariants": {k: state["invariants"][k] for k in first}}  # fmt: skip
+    (checkpoint / "trainer_state.json").write_text(json.dumps(old))
+    write_checksums(checkpoint)
+    capsys.readouterr()
+    result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
+    assert result.resumed_from == 2 and max_diff(adapter_tensors(out), finished) <= 1e-6
+    assert (f"warning: {checkpoint} does not record bnb_compute_dtype, data_fingerprint, data_split, lora_alpha, "
+            "quantize (written by an older loramoe), so they were not checked") in capsys.readouterr().out
+
+
+def test_resuming_with_max_steps_equal_to_the_checkpoints_step_is_refused_naming_it(tiny_llama_dir, short_data,
+                                                                                     tmp_path):  # fmt: skip
+    """checkpoint-4 of a 6-step run, resumed with --max-steps 4: nothing is left to train; refused in one line (the
+    checkpoint's adapter/ holds that step). One step more resumes from it."""
+    out = tmp_path / "equal"
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, save_every=2))
+    with pytest.raises(ValueError, match=r"^max_steps: the run would end at step 4, but \S*checkpoint-4 is at step 4 "
+                                         r"\(expected more steps than the checkpoint's"):  # fmt: skip
+        train(make_cfg(tiny_llama_dir, short_data, out, max_steps=4, save_every=2, resume=True))
+    assert train(make_cfg(tiny_llama_dir, short_data, out, max_steps=5, save_every=2, resume=True)).resumed_from == 4
 
 
 def test_resume_on_a_finished_run_without_checkpoints_is_refused(tiny_llama_dir, short_data, tmp_path):

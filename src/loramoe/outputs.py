@@ -76,6 +76,14 @@ def check_not_inside(path: str | Path, protected: Mapping[str, str | Path | None
             )
 
 
+def _remove(path: Path) -> None:
+    """Delete a file, a folder or a symlink: a symlink is unlinked, what it points to is never touched."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 class OutputDir:
     """An output folder of one command; ``key`` names the option it came from, for messages, and ``owner`` the
     command, recorded for each entry it writes (``None``: not recorded)."""
@@ -99,7 +107,8 @@ class OutputDir:
     def entries(self) -> list[str]:
         """Entries listed in the manifest."""
         path = self.path / MANIFEST
-        return list(json.loads(path.read_text()).get("entries", [])) if path.is_file() else []
+        listed = json.loads(path.read_text()).get("entries", []) if path.is_file() else []
+        return list(dict.fromkeys(listed))  # a name listed twice (a manifest written by hand) is one entry
 
     def owners(self) -> dict[str, str]:
         """Entry -> the command that wrote it (entries listed before owners were recorded are missing)."""
@@ -118,13 +127,13 @@ class OutputDir:
         return sorted(p.name for p in self.path.iterdir() if not self.owns(p.name, listed))
 
     def owned(self) -> list[str]:
-        """Listed entries that exist."""
-        return [n for n in self.entries() if (self.path / n).exists()]
+        """Listed entries that exist (a symlink counts, even one whose target is gone)."""
+        return [n for n in self.entries() if os.path.lexists(self.path / n)]
 
     def claim(self, names: Iterable[str]) -> OutputDir:
         """Refuse if one of ``names`` (what the command will write) exists and is not loramoe's. Checks only:
         `create` and `record` write, once the command's inputs have been read."""
-        clashes = [n for n in names if (self.path / n).exists() and not self.owns(n)]
+        clashes = [n for n in names if os.path.lexists(self.path / n) and not self.owns(n)]
         if clashes:
             raise FileExistsError(f"{self.path / clashes[0]}: exists and was not written by loramoe, so it is not "
                                   "replaced (expected no such file)")  # fmt: skip
@@ -141,7 +150,7 @@ class OutputDir:
     def record(self, names: Iterable[str]) -> None:
         """List ``names`` as ours (before creating them)."""
         names, listed, owners = list(names), self.entries(), self.owners()
-        new = [n for n in names if n not in listed]
+        new = list(dict.fromkeys(n for n in names if n not in listed))
         mine = {n: self.owner for n in names if self.owner and owners.get(n) != self.owner}
         if new or mine:
             owned = {"owners": {**owners, **mine}} if owners or mine else {}
@@ -157,8 +166,7 @@ class OutputDir:
                 continue
             if name in keep:
                 continue
-            target = self.path / name
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+            _remove(self.path / name)
         shutil.rmtree(self.path / STAGING, ignore_errors=True)
         return others
 
@@ -207,7 +215,7 @@ class OutputDir:
         """Move every entry of ``staging`` into the folder, listing each first. A name that belongs to a file
         loramoe did not write is refused before anything moves, and the new outputs stay in ``staging``."""
         names = sorted(p.name for p in staging.iterdir())
-        clashes = [n for n in names if (self.path / n).exists() and not self.owns(n)]
+        clashes = [n for n in names if os.path.lexists(self.path / n) and not self.owns(n)]
         if clashes:
             raise FileExistsError(
                 f"{self.path / clashes[0]}: exists and was not written by loramoe, so it is not replaced (expected "
@@ -216,8 +224,8 @@ class OutputDir:
         self.record(names)
         for name in names:
             target = self.path / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
+            if target.is_symlink() or target.is_dir() or (staging / name).is_dir():  # a file is replaced atomically
+                _remove(target)
             respect_umask(staging / name)
             os.replace(staging / name, target)
         staging.rmdir()

@@ -123,6 +123,9 @@ class TrainConfig:
     dtype: str = field(default="float32", metadata={"help": "dtype of the frozen base's weights (adapters and "
                        "optimizer states stay fp32; the experts compute in the base's dtype)"})  # fmt: skip
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model's forward and backward (the first steps, and the first of each new "
+                "sequence length, wait for compilation)"})  # fmt: skip
     fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
     quantize: str | None = field(default=None, metadata={"help": "frozen base in nf4 | fp4 | int8 (bitsandbytes, QLoRA)"})
     bnb_compute_dtype: str | None = field(default=None, metadata={"help": "dtype of 4-bit matmuls (default: float32)"})
@@ -165,6 +168,9 @@ class TrainConfig:
                 raise ConfigError(key, getattr(self, key), expected)
         check_task_type_names(self.task_type_names)
         check_quantization(self.quantize, self.bnb_compute_dtype)
+        if self.compile and self.fsdp:
+            raise ValueError("compile: not supported with --fsdp (expected one of them; torch.compile of an "
+                             "FSDP2-sharded model is untested here)")
         if self.quantize and (self.method == "full" or self.fsdp):
             raise ValueError(f"quantize: {self.quantize!r} with {'--fsdp' if self.fsdp else 'method full'} (expected "
                              "method loramoe or lora without --fsdp: a quantized base is frozen and not sharded here)")
@@ -594,6 +600,25 @@ def _final_weights(acc: Any, model: nn.Module, final: nn.Module, sharded: bool) 
     return trainable_state(final) if sharded else None
 
 
+def compile_model(model: nn.Module, acc: Any, checkpointing: bool = False) -> None:
+    """torch.compile, in place, the causal LM inside ``model`` (the PEFT wrapper's LBC bookkeeping stays eager):
+    its forward, loss and backward. In place keeps parameter names, so saving and resuming do not change. The
+    LoRAMoE layers compile without graph breaks (see `loramoe.layer`).
+
+    With gradient checkpointing, dynamo would not trace a checkpointed block whose forward has a side effect, and
+    each LoRAMoE layer hands its router weights to the LBC by one (appending to a list). Letting the recompute in
+    backward skip it is what eager does as well: the lists are gone by then (see `LoraMoeModel.forward`)."""
+    import torch._dynamo
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("compile: not supported under DeepSpeed (expected no --compile with a DeepSpeed launch)")
+    if checkpointing and hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.compile()
+
+
 def _check_engine(cfg: TrainConfig, acc: Any) -> bool:
     """Refuse engine combinations that cannot work; return whether parameters will be sharded (saving must then
     gather them on every rank)."""
@@ -674,6 +699,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             model.config.use_cache = False
         model.train()
         sharded = _check_engine(cfg, acc)
+        if cfg.compile:
+            compile_model(model, acc, cfg.gradient_checkpointing)
         if cfg.fsdp:
             model = shard_with_fsdp(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -714,7 +741,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 )
             if state["step"] >= total_steps:
                 raise ValueError(f"max_steps: the run would end at step {total_steps}, but {path} is at step "
-                                 f"{state['step']} (expected more steps than the checkpoint's)")  # fmt: skip
+                                 f"{state['step']} (expected more steps than the checkpoint's; its adapter/ folder "
+                                 "holds the weights of that step)")  # fmt: skip
 
         start_step, resumed_from, tokens_seen, unconfirmed = 0, None, 0, None
         metrics_log = out / "metrics.jsonl"
@@ -739,6 +767,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             if changed:
                 acc.print(f"resume: settings changed since {path.name}, applied from step {start_step + 1}: "
                           f"{_describe_changes(changed)}")  # fmt: skip
+            unrecorded = sorted(set(invariants) - set(state.get("invariants", {})))
+            if unrecorded:  # written by an older loramoe: resumable, but these cannot be checked
+                acc.print(f"warning: {path} does not record {', '.join(unrecorded)} (written by an older loramoe), so "
+                          "they were not checked: the run continues as if they were the settings given now")  # fmt: skip
         elif cfg.resume:
             acc.print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
             if acc.is_main_process:

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import RunStopped
 from ..evaluate import EvalSample, evaluate, load_tasks, normalize_answer
+from ..quantization import check_options as check_quantization
 from ..routing import routing_profile
 from ..train import NonFiniteLossError, TrainConfig, train
 from .knowledge import answer_logprobs, load_probe
@@ -89,6 +90,9 @@ class Preset:
     threads: int | None = 1
     quantize: str | None = None  # nf4 | fp4 | int8: every method's base quantized (bitsandbytes); no full SFT then
     bnb_compute_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        check_quantization(self.quantize, self.bnb_compute_dtype)  # refused now, not at the first adapter run
 
     def lrs(self, method: str) -> tuple[float, ...]:
         """The learning rates ``method`` trains at."""
