@@ -85,3 +85,9 @@ def peft_reference(base: Path, adapter: Path) -> Reference:
         ref.logprobs.append(torch.log_softmax(logits.float(), dim=-1))
         ref.texts.append(tok.decode(out[n:], skip_special_tokens=True))
     return ref
+
+
+if __name__ == "__main__":  # the README's example: python tests_vllm/reference.py BASE_OUT ADAPTER_OUT
+    import sys
+
+    train_adapter(save_smollm2(Path(sys.argv[1])), Path(sys.argv[2]))
