@@ -10,24 +10,30 @@ Failures are one line on stderr, for every command (a new entry in `COMMANDS` ge
 - exit 2, bad input: a command-line error (argparse), or an exception of the types in `BAD_INPUT`:
   ``ValueError`` and its subclasses (``loramoe.data.DataError``, ``loramoe.evaluate.TaskFileError``, ...),
   ``FileNotFoundError``, ``FileExistsError``, ``NotADirectoryError``, ``IsADirectoryError``,
-  ``PermissionError``. Code that rejects input raises one of these, with a message that *starts with the
+  ``PermissionError``, or an ``OSError`` "read-only file system" (an output folder that cannot be written).
+  Code that rejects input raises one of these, with a message that *starts with the
   path or key* at fault and says what was expected; the wrapper adds only the ``loramoe <command>: error:``
   prefix (an OS error raised by Python itself is shown as ``<filename>: <reason>``).
-- exit 1, a run that stopped for a reason it states: ``loramoe.errors.RunStopped`` (e.g. a non-finite loss).
+- exit 1, a run that stopped for a reason it states: ``loramoe.errors.RunStopped`` (e.g. a non-finite loss),
+  or a full disk (`loramoe.errors.out_of_space`).
 - exit 1, anything else: a bug; the line names the exception type and asks for ``--debug``.
 - exit 130: interrupted (Ctrl-C).
 
 ``--debug`` (accepted by every command) or the environment variable ``LORAMOE_DEBUG=1`` shows the traceback
-instead (the exception is re-raised).
+instead (the exception is re-raised), and first what third-party libraries printed while they were imported
+(held otherwise, whatever they print on whichever CPU: see `loramoe._quiet`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 import warnings
+
+from ._quiet import HELD, held_output
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("loramoe.interop", "convert an adapter saved by the reference LoRAMoE code"),
@@ -86,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = _debug(argv)
     try:
         if command:
-            module = importlib.import_module(COMMANDS[command][0])
+            with held_output():  # the command's own third-party imports (see loramoe._quiet)
+                module = importlib.import_module(COMMANDS[command][0])
+            if debug and HELD:
+                sys.stderr.write("".join(HELD))
             if hasattr(module, "run_argv"):  # another tool's command line: its arguments, unparsed (--debug is ours)
                 return int(_exit_code(module.run_argv, [a for a in argv[1:] if a != "--debug"]) or 0)
             module.configure_parser(subparsers[command])
@@ -105,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        from .errors import RunStopped
+        from .errors import RunStopped, out_of_space
 
-        if isinstance(e, BAD_INPUT):
+        if isinstance(e, BAD_INPUT) or (isinstance(e, OSError) and e.errno == errno.EROFS):
             print(f"{prog}: error: {describe(e)}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if isinstance(e, RunStopped):
+        if isinstance(e, RunStopped) or out_of_space(e):
             print(f"{prog}: error: {describe(e)}", file=sys.stderr)
             return EXIT_FAILED
         print(f"{prog}: error: internal error ({type(e).__name__}: {describe(e)}); rerun with --debug for the "

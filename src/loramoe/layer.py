@@ -25,12 +25,18 @@ from torch import nn
 from .config import LoraMoeConfig
 from .quantization import check_base_layer
 
+_HALF = (torch.bfloat16, torch.float16)
+
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the expert products: autocast's when it is on, else the adapter weights' (as PEFT's LoRA)."""
+    """The dtype of the expert products: autocast's when it is on; else the input's when a half-precision base
+    feeds fp32 adapters (fp32 master weights, products at the base's speed and activation size, as under autocast);
+    else the adapter weights'. The router's softmax is fp32 whatever this is."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
+    if x.dtype in _HALF and weight.dtype == torch.float32:
+        return x.dtype
     return weight.dtype
 
 
