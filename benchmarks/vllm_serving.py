@@ -3,8 +3,8 @@
     .venv-vllm/bin/python -m benchmarks.vllm_serving --base BASE_FOLDER --adapter ADAPTER [--threads 1]
 
 Run in the vLLM venv (README "Serve it"). Each engine runs in a process of its own, one at a time (an engine
-takes GiBs); the vLLM engines run twice each, in the order base, loramoe, base, loramoe, so that a change of load
-on a shared machine shows as a spread rather than as a ratio. In each process: one warm-up generation, then
+takes GiBs), in the order base, loramoe, peft, ``--runs`` times (with 2 and more, a change of load on a shared
+machine shows as a spread rather than as a ratio). In each process: one warm-up generation, then
 ``--repeats`` timed generations of every prompt at once (greedy, exactly ``--tokens`` new tokens each); tokens/s
 is the best repeat's. Memory: the resident set of the engine's processes (vLLM: the front end, the engine core
 and its worker) after the timing. Also printed: how many prompts vLLM + LoRAMoE continues token for token as
@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 TOPICS = ["the sea", "a lighthouse keeper", "volcanoes", "a robot learning to paint", "bread", "the moon", "winter",
@@ -87,16 +88,22 @@ def _measure(kind: str, args) -> dict:
             "tokens": tokens}  # fmt: skip
 
 
+def _child_argv(kind: str, args, out: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.vllm_serving", "--child", kind, "--child-out", out, "--base", args.base,
+            "--adapter", args.adapter, "--prompts", str(args.prompts), "--tokens", str(args.tokens), "--repeats",
+            str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+
+
 def _run_child(kind: str, args) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0" if args.threads == 1 else f"0-{args.threads - 1}")}  # fmt: skip
-    argv = [sys.executable, "-m", "benchmarks.vllm_serving", "--child", kind, "--base", args.base, "--adapter",
-            args.adapter, "--prompts", str(args.prompts), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
-            "--threads", str(args.threads)]  # fmt: skip
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:  # a file, not stdout: vLLM prints there too
+        out = os.path.join(tmp, "result.json")
+        proc = subprocess.run(_child_argv(kind, args, out), env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{kind} failed:\n{proc.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 def main() -> None:
@@ -107,15 +114,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each engine (vLLM: cores 0..n-1)")
+    parser.add_argument("--runs", type=int, default=1, help="processes per engine (order: base, loramoe, peft)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.child, args)))
+        with open(args.child_out, "w") as f:
+            json.dump(_measure(args.child, args), f)
         return
 
     load = os.getloadavg()[0]
     results: dict[str, list[dict]] = {"base": [], "loramoe": [], "peft": []}
-    for kind in ("base", "loramoe", "base", "loramoe", "peft"):
+    for kind in ("base", "loramoe", "peft") * args.runs:
         results[kind].append(_run_child(kind, args))
         print(f"{kind}: {[round(x, 1) for x in results[kind][-1]['tokens_per_s']]} tokens/s", flush=True)
     best = {kind: max(max(r["tokens_per_s"]) for r in runs) for kind, runs in results.items()}
