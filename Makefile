@@ -7,7 +7,7 @@ install:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,quant,lm-eval,datasets,trl]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,quant,lm-eval,datasets,trl,deepspeed]" torch==2.13.0
 
 # On a fresh clone `make test` installs first: with the default PY (the venv's), its pytest marks the install done.
 VENV := $(if $(filter .venv/bin/python,$(PY)),.venv/bin/pytest)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import zero
 from .outputs import respect_umask, write_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -256,10 +257,13 @@ class Checkpointer:
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         rng_states = gather_object([_rng_state()])  # one per process, in rank order
         unwrapped = acc.unwrap_model(model)
-        weights = trainable_state(unwrapped) if self.sharded or acc.is_main_process else None
-        # keyed by parameter name, gathered to rank 0 under FSDP: loadable whatever the sharding
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim_state = get_optimizer_state_dict(model, _raw(optimizer), options=options)
+        if zero.is_engine(model):  # the same layout, from DeepSpeed's partitions
+            weights, optim_state = zero.trainable_state(model), zero.optimizer_state(model)
+        else:
+            weights = trainable_state(unwrapped) if self.sharded or acc.is_main_process else None
+            # keyed by parameter name, gathered to rank 0 under FSDP: loadable whatever the sharding
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optim_state = get_optimizer_state_dict(model, _raw(optimizer), options=options)
         if acc.is_main_process:
             from safetensors.torch import save as safetensors_bytes
 
@@ -362,15 +366,20 @@ class Checkpointer:
         optim_state = torch.load(path / "optimizer.pt", weights_only=True)
         rng_file = path / f"rng_state_{acc.process_index}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                param = params[name]
-                if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this rank's slice
-                    from torch.distributed.tensor import distribute_tensor
+        if zero.is_engine(model):
+            zero.load_state(model, weights, optim_state)
+        else:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    param = params[name]
+                    if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this rank's slice
+                        from torch.distributed.tensor import distribute_tensor
 
-                    tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
-                param.copy_(tensor)
-        set_optimizer_state_dict(model, _raw(optimizer), optim_state, options=StateDictOptions(full_state_dict=True))
+                        tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+                    param.copy_(tensor)
+            # checkpoints written before the empty optimizer group was dropped (see engines.optimizer_groups)
+            optim_state["param_groups"] = [g for g in optim_state["param_groups"] if g["params"]]
+            set_optimizer_state_dict(model, _raw(optimizer), optim_state, options=StateDictOptions(full_state_dict=True))
         if rng is not None:
             _set_rng_state(rng)
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,12 +75,26 @@ class RoutingRecord:
         return totals
 
 
+@functools.cache
+def _with_lbc_fields(output_type: type) -> type:
+    """A transformers ``ModelOutput`` class with ``lm_loss`` and ``blc_loss`` fields. A key that is not a field
+    breaks the output's rebuild from its pytree, which DDP does with ``find_unused_parameters`` (transformers'
+    Trainer turns that on for a PEFT model)."""
+    fields = [("lm_loss", torch.Tensor | None, None), ("blc_loss", torch.Tensor | None, None)]
+    return dataclasses.make_dataclass(f"LoraMoe{output_type.__name__}", fields, bases=(output_type,))
+
+
 class LoraMoeModel(BaseTuner):
     """Adds LoRAMoE experts to the target linears of a model. Built by ``peft.get_peft_model`` after
     ``import loramoe``; its ``forward`` additionally takes ``task_types`` (LongTensor [batch]: 1 knowledge,
     0 downstream, -1 untyped) and then adds ``beta * sum_modules L_lbc`` to the loss. A packed batch
     (`loramoe.packing`) also gives ``sample_index`` [rows, T] (the sample of each token, -1 on padding); then
     ``task_types`` has one entry per sample and the LBC is computed per sample, not per row.
+
+    That is the objective of one batch. Over an optimizer step of several micro-batches (accumulation, processes)
+    the LBC counts as the mean of the micro-batches' LBC (SPEC "The LBC at scale"): `loramoe train` averages the
+    returned losses and gets it as it is; transformers' Trainer sums them, so it needs
+    `loramoe.trainer.LoraMoeTrainer` (TRL: `loramoe.trl.LoraMoeSFTTrainer`).
     """
 
     prefix: str = "loramoe_"
@@ -182,11 +198,25 @@ class LoraMoeModel(BaseTuner):
                 terms.append(localized_balancing_loss(q, task_types, config.knowledge_experts, config.blc_alpha, config.blc_mode))
         blc = torch.stack(terms).sum() if terms else torch.zeros(())
         lm_loss = out.get("loss") if hasattr(out, "get") else None
+        if dataclasses.is_dataclass(out):
+            out = _with_lbc_fields(type(out))(**out)
         out["blc_loss"] = blc
         if lm_loss is not None:
             out["lm_loss"] = lm_loss
-            out["loss"] = lm_loss + config.blc_weight * blc.to(lm_loss.device)
+            if not getattr(self, "_lbc_outside_loss", False):
+                out["loss"] = lm_loss + config.blc_weight * blc.to(lm_loss.device)
         return out
+
+    @contextlib.contextmanager
+    def lbc_outside_loss(self) -> Iterator[None]:
+        """Inside the block ``loss`` is the LM loss alone (``blc_loss`` is still returned), for a trainer that
+        weighs the LBC itself: `loramoe.trainer.LoraMoeLossMixin` (transformers scales the returned loss for
+        its own LM normalisation, which would scale the LBC with it)."""
+        self._lbc_outside_loss = True
+        try:
+            yield
+        finally:
+            self._lbc_outside_loss = False
 
     @staticmethod
     def _mask_for(kwargs: dict, detach: bool = False) -> torch.Tensor | None:

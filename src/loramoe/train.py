@@ -24,7 +24,6 @@ Checkpoints, and which one is "known good", are `loramoe.checkpoint`'s; the outp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -43,6 +42,7 @@ import torch
 import yaml
 from torch import nn
 
+from . import engines
 from .checkpoint import (
     Checkpointer,
     StabilityWatch,
@@ -50,9 +50,7 @@ from .checkpoint import (
     checkpoint_step,
     newest_known_good,
     save_model,
-    trainable_state,
 )
-from .checkpoint import full_tensor as _full
 from .data import InstructionCollator, InstructionDataset, check_task_type_names, load_instruction_data
 from .errors import RunStopped, out_of_space
 from .loading import model_folder
@@ -127,6 +125,8 @@ class TrainConfig:
         "help": "torch.compile the model's forward and backward (the first steps, and the first of each new "
                 "sequence length, wait for compilation)"})  # fmt: skip
     fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "DeepSpeed ZeRO-2/3 config JSON (e.g. examples/deepspeed/zero2.json); launch with torchrun"})
     quantize: str | None = field(default=None, metadata={"help": "frozen base in nf4 | fp4 | int8 (bitsandbytes, QLoRA)"})
     bnb_compute_dtype: str | None = field(default=None, metadata={"help": "dtype of 4-bit matmuls (default: float32)"})
     # bookkeeping
@@ -168,12 +168,15 @@ class TrainConfig:
                 raise ConfigError(key, getattr(self, key), expected)
         check_task_type_names(self.task_type_names)
         check_quantization(self.quantize, self.bnb_compute_dtype)
-        if self.compile and self.fsdp:
-            raise ValueError("compile: not supported with --fsdp (expected one of them; torch.compile of an "
-                             "FSDP2-sharded model is untested here)")
-        if self.quantize and (self.method == "full" or self.fsdp):
-            raise ValueError(f"quantize: {self.quantize!r} with {'--fsdp' if self.fsdp else 'method full'} (expected "
-                             "method loramoe or lora without --fsdp: a quantized base is frozen and not sharded here)")
+        if self.compile and (self.fsdp or self.deepspeed):
+            raise ValueError(f"compile: not supported with {'--fsdp' if self.fsdp else '--deepspeed'} (expected one "
+                             "of them; torch.compile of a sharded model is untested here)")
+        if self.quantize and (self.method == "full" or self.fsdp or self.deepspeed):
+            other = "--fsdp" if self.fsdp else "--deepspeed" if self.deepspeed else "method full"
+            raise ValueError(f"quantize: {self.quantize!r} with {other} (expected method loramoe or lora without "
+                             "--fsdp or --deepspeed: a quantized base is frozen and not sharded here)")
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp: --fsdp and --deepspeed both shard (expected one of them)")
         if self.packing and self.blc_count_padding:
             raise ValueError("packing: set together with blc_count_padding (expected one of them: the reference "
                              "formula counts each sample's padding positions, which a packed row does not have)")
@@ -190,6 +193,10 @@ class TrainConfig:
             raise ValueError(f"dtype: {self.dtype!r} with quantize {self.quantize!r} (expected float32: a quantized "
                              "base keeps its unquantized parts in fp32; set the 4-bit matmuls' precision with "
                              "--bnb-compute-dtype)")  # fmt: skip
+        if self.deepspeed:
+            raise ValueError(f"dtype: {self.dtype!r} with --deepspeed (expected float32: DeepSpeed sets the weights' "
+                             "dtype itself, ZeRO-3 already while the model loads; --bf16 gives bf16 weights with fp32 "
+                             "master copies of the trained ones)")  # fmt: skip
         if self.dtype == "float16" and self.bf16:
             raise ValueError("dtype: 'float16' with --bf16 (expected one of them: bf16 autocast would run a float16 "
                              "base in bfloat16)")
@@ -361,24 +368,6 @@ class SampleStream:
         return [self[i] for i in range(start, start + cfg.batch_size)]
 
 
-# ---- sharding ---------------------------------------------------------------------------------------------------
-
-
-def shard_with_fsdp(model: nn.Module) -> nn.Module:
-    """torch FSDP2: shard each decoder block (the classes a HF model lists in ``_no_split_modules``), then the rest."""
-    from torch.distributed.fsdp import fully_shard
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"--fsdp: {type(base).__name__} names no decoder block classes (_no_split_modules) to shard.")
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
-    return model
-
-
 # ---- the loop --------------------------------------------------------------------------------------------------
 
 
@@ -471,12 +460,13 @@ def _describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
-def _apply_schedule(optimizer: Any, scheduler: Any, cfg: TrainConfig, step: int) -> None:
+def _apply_schedule(optimizer: Any, scheduler: Any, cfg: TrainConfig, step: int, decays: list[bool]) -> None:
     """Put the configured lr and weight decay into the optimizer (a loaded optimizer state brings the saved
-    ones) and move the schedule to ``step``: the lr is then what a run started with these settings has there."""
+    ones) and move the schedule to ``step``: the lr is then what a run started with these settings has there.
+    ``decays``: whether each group takes weight decay (see `optimizer_groups`)."""
     groups = getattr(optimizer, "optimizer", optimizer).param_groups
-    for group, decay in zip(groups, (cfg.weight_decay, 0.0)):  # matrices, then vectors (see train())
-        group["initial_lr"], group["weight_decay"] = cfg.lr, decay
+    for group, decay in zip(groups, decays, strict=True):
+        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay if decay else 0.0
     scheduler.base_lrs = [cfg.lr for _ in groups]
     scheduler.last_epoch = step - 1
     scheduler.step()
@@ -558,20 +548,17 @@ def _forward_backward(
     num_items = global_tokens.double() / (world * cfg.grad_accum)
     sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # CE sum, LBC sum, real tokens
     for m, batch in enumerate(batches):
-        last = m == cfg.grad_accum - 1
-        if cfg.fsdp:
-            model.set_requires_gradient_sync(last)
-        with contextlib.nullcontext() if last or cfg.fsdp else acc.no_sync(model):
+        with engines.micro_batch(acc, model, cfg, last=m == cfg.grad_accum - 1):
             with acc.autocast():
                 outputs = model(**_model_inputs(batch, cfg), num_items_in_batch=num_items)
-            acc.backward(outputs["loss"] / cfg.grad_accum)
+            engines.backward(acc, model, outputs["loss"] / cfg.grad_accum)
         lm = _lm_loss(outputs).detach().double() * num_items
         sums += torch.stack([lm, _blc_loss(outputs).double(), real_tokens(batch).double()])
-    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))  # inf: measure, do not clip
     sums = acc.reduce(sums, reduction="sum")
     lm_loss = (sums[0] / global_tokens).item()
     blc_loss = (sums[1] / (world * cfg.grad_accum)).item()
-    return lm_loss, blc_loss, float(_full(grad_norm)), int(sums[2])
+    grad_norm = engines.finish_step(acc, model, params, cfg.max_grad_norm, math.isfinite(lm_loss + blc_loss))
+    return lm_loss, blc_loss, grad_norm, int(sums[2])
 
 
 def _check_base_dtype(model: nn.Module, cfg: TrainConfig) -> None:
@@ -581,23 +568,6 @@ def _check_base_dtype(model: nn.Module, cfg: TrainConfig) -> None:
     if not cfg.quantize and have is not None and have != DTYPES[cfg.dtype]:
         raise ValueError(f"dtype: the run says {cfg.dtype!r} but the model given is {str(have).removeprefix('torch.')} "
                          "(expected a base loaded in that dtype, or a matching --dtype)")  # fmt: skip
-
-
-def _distributed_without_accelerator() -> bool:
-    """torchrun on a machine without GPUs: accelerate only sets up (gloo) multi-CPU training when told ``cpu``."""
-    has_device = getattr(torch, "accelerator", None) and torch.accelerator.is_available()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
-
-
-def _final_weights(acc: Any, model: nn.Module, final: nn.Module, sharded: bool) -> dict[str, torch.Tensor] | None:
-    """Trainable weights to save, gathered where they are sharded (``None``: the model's own state dict will do)."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.DEEPSPEED:  # untested; accelerate gathers ZeRO-3 partitions
-        full = acc.get_state_dict(model)
-        names = {n for n, p in final.named_parameters() if p.requires_grad}
-        return {k: v for k, v in full.items() if k in names} if full else None
-    return trainable_state(final) if sharded else None
 
 
 def compile_model(model: nn.Module, acc: Any, checkpointing: bool = False) -> None:
@@ -619,33 +589,9 @@ def compile_model(model: nn.Module, acc: Any, checkpointing: bool = False) -> No
     inner.compile()
 
 
-def _check_engine(cfg: TrainConfig, acc: Any) -> bool:
-    """Refuse engine combinations that cannot work; return whether parameters will be sharded (saving must then
-    gather them on every rank)."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.DEEPSPEED:  # untested: DeepSpeed cannot run on this project's CI
-        if cfg.grad_accum != 1:
-            raise ValueError("With DeepSpeed use --grad-accum 1: the DeepSpeed engine applies its own loss scaling.")
-        if acc.state.deepspeed_plugin.zero_stage == 3 and cfg.save_every:
-            raise ValueError("Checkpoints (--save-every) are not supported under DeepSpeed ZeRO-3; use ZeRO-2 or --fsdp.")
-        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    if cfg.fsdp and acc.num_processes < 2:
-        raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2).")
-    if cfg.fsdp and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(f"--fsdp and accelerate's {acc.distributed_type.value} plugin both shard: use one of them.")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
-        acc.print(
-            f"warning: accelerate's FSDP plugin is not applied here (accelerate runs {acc.distributed_type.value}: it "
-            "enables FSDP only for GPU-like devices); training is replicated. Use --fsdp for torch FSDP2 on CPU."
-        )
-    return cfg.fsdp or acc.distributed_type == DistributedType.FSDP
-
-
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
     """Run (or resume) a training run; see the module docstring. ``model``/``tokenizer`` may be given in memory
     (a base model, or a ready PeftModel); then ``cfg.model`` is only recorded."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
@@ -653,11 +599,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
     if not cfg.data:
         raise ValueError("TrainConfig.data is empty: give at least one instruction file (--data FILE).")
-    acc = Accelerator(
-        cpu=_distributed_without_accelerator(),
-        mixed_precision="bf16" if cfg.bf16 else "no",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
+    acc = engines.make_accelerator(cfg)
     out, outdir = Path(cfg.output_dir), None
     try:
         outdir = _check_output_dir(cfg, out, lock=acc.is_main_process)
@@ -698,21 +640,17 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
         model.train()
-        sharded = _check_engine(cfg, acc)
+        sharded = engines.check_engine(cfg, acc)
         if cfg.compile:
             compile_model(model, acc, cfg.gradient_checkpointing)
         if cfg.fsdp:
-            model = shard_with_fsdp(model)
+            model = engines.shard_with_fsdp(model)
         params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         total_params = sum(p.numel() for p in model.parameters())
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-        )
+        groups = engines.optimizer_groups(params, cfg.weight_decay)
+        decays = [g["params"][0].dim() >= 2 for g in groups]  # matrices take weight decay
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         world = acc.num_processes
         per_step = cfg.batch_size * cfg.grad_accum * world
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data) / per_step))
@@ -754,7 +692,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             tokens_seen = state["tokens_seen"]
             if "stability" in state:
                 watch.load_state_dict(state["stability"])
-            _apply_schedule(optimizer, scheduler, cfg, start_step)
+            _apply_schedule(optimizer, scheduler, cfg, start_step, decays)
             changed = _changed(state.get("config", {}), cfg.to_dict())
             if acc.is_main_process:
                 _truncate_metrics(metrics_log, start_step)
@@ -859,7 +797,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         bar.close()
 
         final = acc.unwrap_model(model)
-        weights = _final_weights(acc, model, final, sharded)
+        weights = engines.final_weights(acc, model, final, sharded)
         if acc.is_main_process:  # written beside, then moved in: a file loramoe did not write is never replaced
             staging = outdir.staging()
             save_model(final, staging, weights)  # adapter_model.safetensors (+ config) or the full model
