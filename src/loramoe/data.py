@@ -8,8 +8,9 @@ Two record formats, one per line of a JSON-lines file or one per element of a JS
   template; every assistant turn is a target, everything else is prompt.
 
 Labels are -100 on the prompt. ``task_type`` is 1 (world knowledge), 0 (downstream), -1 (untyped), or a name
-looked up in ``task_type_names``. Every problem names the file and line; with ``skip_bad`` the sample is
-skipped and listed in the report instead, never dropped silently.
+looked up in ``task_type_names``. Every problem names the file and line (in a JSON list also the record's
+1-based index: ``file:1 (record 7)``); with ``skip_bad`` the sample is skipped and listed in the report
+instead, never dropped silently.
 
 A sample longer than ``max_seq_len`` is *fitted* (``fit_prompt``, the default): its prompt (for chat records,
 everything before the first assistant turn) loses tokens from its middle, keeping its start (the instruction,
@@ -246,8 +247,21 @@ def read_records(
     return records, problems
 
 
+class ListRecord(int):
+    """The place of a JSON list's element: its 1-based index (how it sorts and counts) and the line it starts on;
+    prints as ``3 (record 7)``, so ``file:3 (record 7)`` tells records apart even when a list is on one line."""
+
+    def __new__(cls, index: int, line: int) -> ListRecord:
+        place = super().__new__(cls, index)
+        place.line = line
+        return place
+
+    def __str__(self) -> str:
+        return f"{self.line} (record {int(self)})"
+
+
 def _read_json_list(path: Path, text: str, start: int) -> list[tuple[int, Any]]:
-    """Parse ``[rec, rec, ...]`` element by element so that each record keeps the line it starts on."""
+    """Parse ``[rec, rec, ...]`` element by element so that each record keeps its index and the line it starts on."""
     decoder = json.JSONDecoder()
     records: list[tuple[int, Any]] = []
     pos = _JSON_WS.match(text, start + 1).end()
@@ -265,7 +279,7 @@ def _read_json_list(path: Path, text: str, start: int) -> list[tuple[int, Any]]:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
-        records.append((here(pos), obj))
+        records.append((ListRecord(len(records) + 1, here(pos)), obj))
         pos = _JSON_WS.match(text, end).end()
         if text.startswith(",", pos):
             pos = _JSON_WS.match(text, pos + 1).end()
@@ -322,7 +336,17 @@ def _text_field(record: dict, key: str, required: bool = True) -> str:
         return ""
     if not isinstance(record[key], str):
         raise _BadRecord(f"field {key!r} must be a string, got {type(record[key]).__name__}")
-    return record[key]
+    return _check_text(record[key], f"field {key!r}")
+
+
+def _check_text(text: str, where: str) -> str:
+    """Refuse a lone UTF-16 surrogate (JSON ``"\\ud800"`` without its pair): not a character, no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadRecord(f"{where} holds {text[e.start]!r}, a lone UTF-16 surrogate, not text (expected a "
+                         "character, or a surrogate pair such as \\ud83d\\ude00)") from None
+    return text
 
 
 def _encode_reference(record: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -347,6 +371,7 @@ def _encode_chat(record: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int],
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise _BadRecord(f"messages[{i}] must be an object with string fields 'role' and 'content'")
+        _check_text(m["content"], f"messages[{i}].content")
         if m["role"] not in CHAT_ROLES:
             raise _BadRecord(f"messages[{i}].role {m['role']!r} is not a chat role (expected one of {list(CHAT_ROLES)})")
     if not any(m["role"] == "assistant" for m in messages):
@@ -431,9 +456,12 @@ def parse_data_spec(spec: DataSpec) -> tuple[Path, float]:
     else:
         path, weight = str(spec), 1.0
         head, sep, tail = path.rpartition(":")
-        if sep and head and re.fullmatch(r"[0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?", tail):  # "C:\\x" or "a:b.json" stay paths
+        if sep and head and re.fullmatch(r"[+-]?([0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?|inf|nan)", tail, re.I):  # "C:\\x" stays a path
             path, weight = head, float(tail)
-    weight = float(weight)
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise DataError(path, None, f"mixing weight must be a finite number > 0, got {weight!r}") from None
     if not weight > 0 or not math.isfinite(weight):
         raise DataError(path, None, f"mixing weight must be a finite number > 0, got {weight}")
     return Path(path), weight

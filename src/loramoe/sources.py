@@ -66,12 +66,14 @@ def check_split(specs: Iterable[str | Path], split: str | None, option: str = "s
 
 def read_rows(spec: str | Path, split: str | None = None, default_split: str | None = None) -> list[tuple[Row, dict]]:
     """``[(row, record)]`` of a dataset source. ``split`` (else ``default_split``) chooses the part of a
-    ``DatasetDict`` or Hub dataset; a ``DatasetDict`` with a single split needs none. Raises `SourceError`."""
+    ``DatasetDict`` or Hub dataset; a ``DatasetDict`` with a single split needs none. A ``split`` given for a
+    ``Dataset`` folder (which has none) is refused: read whole, it could hold the very samples the split was to
+    keep out. Raises `SourceError`."""
     path = Path(spec)
     if path.suffix in TABLE_SUFFIXES and path.is_file():
         table = _read_table(path)
     elif path.is_dir():
-        table = _read_saved(path, split or default_split)
+        table = _read_saved(path, split, default_split)
     elif path.suffix in TABLE_SUFFIXES:
         raise SourceError(path, "file not found")
     else:
@@ -111,13 +113,24 @@ def _read_table(path: Path) -> list[dict]:
         raise SourceError(path, f"not a readable {kind} file ({e})") from None
 
 
-def _read_saved(path: Path, split: str | None) -> list[dict]:
+def _read_saved(path: Path, split: str | None, default_split: str | None) -> list[dict]:
     if not (_is_dataset_dict(path) or (path / "dataset_info.json").is_file()):
         raise SourceError(path, "is a folder, but not one written by Dataset.save_to_disk or DatasetDict.save_to_disk "
                                 "(no dataset_info.json or dataset_dict.json; expected a JSON list or JSON-lines file, "
                                 "a .parquet / .arrow file or a save_to_disk folder)")  # fmt: skip
-    loaded = _datasets(path).load_from_disk(str(path))
+    if split is not None and not _is_dataset_dict(path):
+        raise SourceError(path, f"a Dataset folder has no splits, but split {split!r} was given (expected a folder "
+                                "written by DatasetDict.save_to_disk with that split; a Dataset folder is read whole, "
+                                "so only without a split)")  # fmt: skip
+    datasets = _datasets(path)
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except IndexError:  # what datasets raises for a Dataset saved with 0 rows (it has no data file to load)
+        raise SourceError(path, "the dataset is empty (0 rows)") from None
+    except Exception as e:  # a missing or damaged shard, a newer format, ...: the library's own words, one line
+        raise SourceError(path, f"does not load as a save_to_disk folder ({_first_line(e)})") from None
     if _is_dataset_dict(path):
+        split = split or default_split
         splits = list(loaded)
         if split is None and len(splits) == 1:
             split = splits[0]
@@ -135,6 +148,10 @@ def _read_hub(spec: str, split: str | None) -> list[dict]:
     try:
         return datasets.load_dataset(spec, split=split).to_list()
     except Exception as e:  # offline, unknown id, no such split, ...: all the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(spec, f"not a local file or folder, and loading it from the Hugging Face Hub failed: "
-                                f"{reason}") from None  # fmt: skip
+                                f"{_first_line(e)}") from None  # fmt: skip
+
+
+def _first_line(error: Exception) -> str:
+    """A library's error as one line: its first non-blank line (the rest is usually a traceback or a hint)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

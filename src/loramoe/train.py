@@ -26,11 +26,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +54,9 @@ from .checkpoint import (
 )
 from .checkpoint import full_tensor as _full
 from .data import InstructionCollator, InstructionDataset, check_task_type_names, load_instruction_data
-from .errors import RunStopped
+from .errors import RunStopped, out_of_space
 from .loading import model_folder
-from .outputs import OutputDir, write_json
+from .outputs import OutputDir, write_json, write_text
 from .packing import PackingCollator, check_packing_supported, real_tokens
 from .quantization import COMPUTE_DTYPES, QUANTIZE, prepare_for_training
 from .quantization import check_options as check_quantization
@@ -138,6 +141,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data = list(self.data) if isinstance(self.data, (list, tuple)) else [self.data]
+        for f in dataclasses.fields(self):
+            expected = _expected_type(f.name, getattr(self, f.name))
+            if expected:
+                raise ConfigError(f.name, getattr(self, f.name), expected)
         checks = [
             (self.method in METHODS, "method", f"one of {METHODS}"),
             (self.scheduler in SCHEDULERS, "scheduler", f"one of {tuple(SCHEDULERS)}"),
@@ -145,8 +152,8 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
             (self.grad_accum >= 1, "grad_accum", "an integer >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1 or None"),
-            (self.epochs > 0, "epochs", "a number > 0"),
-            (self.lr > 0, "lr", "a number > 0"),
+            (math.isfinite(self.epochs) and self.epochs > 0, "epochs", "a finite number > 0"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)"),
             (self.max_seq_len >= 2, "max_seq_len", "an integer >= 2"),
             (self.save_every >= 0, "save_every", "an integer >= 0"),
@@ -158,7 +165,7 @@ class TrainConfig:
         ]
         for ok, key, expected in checks:
             if not ok:
-                raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r} is invalid: expected {expected}.")
+                raise ConfigError(key, getattr(self, key), expected)
         check_task_type_names(self.task_type_names)
         check_quantization(self.quantize, self.bnb_compute_dtype)
         if self.compile and self.fsdp:
@@ -189,19 +196,82 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Fields from a YAML mapping, then ``overrides`` (e.g. CLI flags) on top."""
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+        """Fields from a YAML mapping, then ``overrides`` (e.g. CLI flags) on top. A number is read as users write
+        it (``lr: 5e-3`` is 5e-3, though YAML 1.1 makes it a string); a wrong value names the file and key."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.load(f, Loader=_ConfigLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}; expected a YAML file)") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            reason = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ValueError(f"{where}: not valid YAML ({reason}; expected a mapping of TrainConfig fields)") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(values).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(known)}.")
-        return cls(**{**values, **overrides})
+        try:
+            return cls(**{**values, **overrides})
+        except ConfigError as e:
+            if e.key in values and e.key not in overrides:  # the file's value: name the file and its key
+                raise ConfigError(e.key, e.value, e.expected, path) from None
+            raise
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+class ConfigError(ValueError):
+    """A TrainConfig field with a value it cannot have; given ``path``, a value read from that YAML file."""
+
+    def __init__(self, key: str, value: Any, expected: str, path: str | Path | None = None) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        if path is None:
+            super().__init__(f"TrainConfig.{key}={value!r} is invalid: expected {expected}.")
+            return
+        quoted = isinstance(value, str) and not expected.startswith(("a string", "one of", "'"))
+        unquote = quoted and re.fullmatch(r"[-+]?[0-9._]+([eE][-+]?[0-9]+)?", value.strip())
+        super().__init__(f"{path}: {key}: {value!r} is {'a string' if quoted else 'invalid'} (expected {expected}"
+                         f"{'; write it without quotes' if unquote else ''})")  # fmt: skip
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``5e-3`` and ``1e-5`` are numbers (YAML 1.2): YAML 1.1, which PyYAML follows,
+    reads a number without a dot as a string, and this is how learning rates are written."""
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))  # fmt: skip
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number such as 5e-3", str: "a string",
+               list: "a list", dict: "a mapping (NAME: VALUE)"}  # fmt: skip
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _expected_type(name: str, value: Any) -> str | None:
+    """What field ``name`` takes, when ``value`` is not of that type (``None``: it is). An int is a float here,
+    a bool is neither, a path is a string; ``data`` takes one spec or a list (see `loramoe.data.parse_data_spec`)."""
+    hint = _field_types()[name]
+    kinds = [typing.get_origin(t) or t for t in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+             types.UnionType) else (hint,))]  # fmt: skip
+    if name == "data" or (value is None and type(None) in kinds) or Any in kinds:
+        return None
+    for kind in kinds:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        if kind is str and isinstance(value, os.PathLike):
+            return None
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return None
+    return " or ".join([_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds if k is not type(None)]
+                       + (["null"] if type(None) in kinds else []))  # fmt: skip
 
 
 @dataclass
@@ -219,7 +289,12 @@ class TrainResult:
 
 
 class NonFiniteLossError(RunStopped):
-    """Training hit a NaN/inf loss or gradient; the known-good checkpoint it names is kept for ``--resume``."""
+    """Training hit a NaN/inf loss or gradient at ``step``; the known-good checkpoint it names is kept for
+    ``--resume``."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 # ---- model -----------------------------------------------------------------------------------------------------
@@ -307,9 +382,21 @@ def shard_with_fsdp(model: nn.Module) -> nn.Module:
 # ---- the loop --------------------------------------------------------------------------------------------------
 
 
-def _check_output_dir(cfg: TrainConfig, out: Path) -> OutputDir:
-    """Refuse an output folder that may not be written (see `loramoe.outputs`) or whose run would be lost."""
-    outdir = OutputDir(out, "--output-dir", {"--model": model_folder(cfg.model)})
+def _check_output_dir(cfg: TrainConfig, out: Path, lock: bool) -> OutputDir:
+    """Refuse an output folder that may not be written (see `loramoe.outputs`), that another run is using
+    (``lock``: take it now if the folder exists, else `_open_output_dir` does) or whose run would be lost."""
+    outdir = OutputDir(out, "--output-dir", {"--model": model_folder(cfg.model)}, owner="train")
+    if lock and out.is_dir():
+        outdir.lock("train")
+    try:
+        _check_earlier_run(cfg, out)
+    except BaseException:
+        outdir.unlock()
+        raise
+    return outdir
+
+
+def _check_earlier_run(cfg: TrainConfig, out: Path) -> None:
     earlier = checkpoint_dirs(out) or (out / "metrics.jsonl").exists()
     if earlier and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(
@@ -321,7 +408,6 @@ def _check_output_dir(cfg: TrainConfig, out: Path) -> OutputDir:
             f"{out}: --resume: this run finished and kept no checkpoint to continue from; resuming would retrain "
             "it from step 0 and replace its outputs (expected --overwrite to retrain, or another --output-dir)"
         )
-    return outdir
 
 
 def _open_output_dir(outdir: OutputDir, cfg: TrainConfig, acc: Any) -> None:
@@ -329,10 +415,34 @@ def _open_output_dir(outdir: OutputDir, cfg: TrainConfig, acc: Any) -> None:
     acc.wait_for_everyone()  # every rank has checked its inputs before rank 0 changes anything
     if acc.is_main_process:
         outdir.create()
+        if not outdir.locked:  # a new folder: taken now, and the check made before it was taken is redone
+            outdir.lock("train")
+            _check_earlier_run(cfg, outdir.path)
         if cfg.overwrite and not cfg.resume:
-            outdir.remove_owned()
+            kept = outdir.remove_owned()
+            if kept:
+                owners = outdir.owners()
+                acc.print(f"--overwrite: kept {', '.join(f'{n} (written by loramoe {owners[n]})' for n in kept)}: "
+                          "only what train wrote is replaced")  # fmt: skip
         outdir.record(["metrics.jsonl", "data_report.json", "train_config.yaml", "train_result.json", "checkpoints"])
     acc.wait_for_everyone()
+
+
+def _check_step_size(cfg: TrainConfig, samples: int, acc: Any) -> None:
+    """A step larger than the data repeats samples within the step. Asked for epochs, that is not what was asked
+    (one step of 1000 from 32 samples is 31.25 epochs): refused. Asked for steps: done, with a warning."""
+    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    if per_step <= samples:
+        return
+    what = (f"{per_step} samples a step ({acc.num_processes} process(es) x batch_size {cfg.batch_size} x grad_accum "
+            f"{cfg.grad_accum}) from {samples} training samples: each step sees every sample about "
+            f"{per_step / samples:.3g} times")  # fmt: skip
+    if cfg.max_steps is None:
+        epochs = max(1, math.ceil(cfg.epochs * samples / per_step)) * per_step / samples
+        raise ValueError(f"batch_size: {what}, so the run would be {epochs:.4g} epochs, not the {cfg.epochs:g} asked "
+                         f"for (expected batch_size x grad_accum x processes <= {samples}, or --max-steps to train "
+                         "on repeats on purpose)")  # fmt: skip
+    acc.print(f"warning: batch_size: {what} (max_steps {cfg.max_steps}: {cfg.max_steps * per_step / samples:.3g} epochs)")
 
 
 def _stopped_at(metrics: Path) -> int | None:
@@ -340,7 +450,7 @@ def _stopped_at(metrics: Path) -> int | None:
     if not metrics.exists():
         return None
     lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-    last = json.loads(lines[-1]) if lines else {}
+    last = _record(lines[-1]) if lines else {}
     return last.get("resume_from_step") if last.get("event") == "non_finite_loss" else None
 
 
@@ -373,13 +483,21 @@ def _apply_schedule(optimizer: Any, scheduler: Any, cfg: TrainConfig, step: int)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the killed run got further than it)."""
+    """Drop log lines written after the checkpoint we resume from (the killed run got further than it), and a
+    line cut short."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    os.replace(tmp, path)
+    lines = [ln for ln in path.read_text().splitlines() if (record := _record(ln)) and record.get("step", 0) <= step]
+    write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _record(line: str) -> dict[str, Any]:
+    """A line of metrics.jsonl; ``{}`` for one cut short (a write that failed, e.g. on a full disk)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator | PackingCollator, cfg: TrainConfig,
@@ -540,9 +658,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         mixed_precision="bf16" if cfg.bf16 else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    out, outdir = Path(cfg.output_dir), None
     try:
-        out = Path(cfg.output_dir)
-        outdir = _check_output_dir(cfg, out)
+        outdir = _check_output_dir(cfg, out, lock=acc.is_main_process)
         set_seed(cfg.seed)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         if tokenizer.pad_token_id is None:
@@ -560,6 +678,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         if unused:
             raise ValueError(f"task_type_names: {unused} name(s) no record's task_type (expected names that "
                              "appear as 'task_type' in the --data or --eval-file records)")  # fmt: skip
+        _check_step_size(cfg, len(data), acc)
         pad = tokenizer.pad_token_id
         collate = PackingCollator(pad, cfg.max_seq_len) if cfg.packing else InstructionCollator(pad)
 
@@ -622,13 +741,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 )
             if state["step"] >= total_steps:
                 raise ValueError(f"max_steps: the run would end at step {total_steps}, but {path} is at step "
-                                 f"{state['step']} (expected more steps than the checkpoint's)")  # fmt: skip
+                                 f"{state['step']} (expected more steps than the checkpoint's; its adapter/ folder "
+                                 "holds the weights of that step)")  # fmt: skip
 
-        start_step, resumed_from, tokens_seen = 0, None, 0
+        start_step, resumed_from, tokens_seen, unconfirmed = 0, None, 0, None
         metrics_log = out / "metrics.jsonl"
         found = ckpt.resume(model, optimizer, check, upto=_stopped_at(metrics_log)) if cfg.resume else None
         if found is not None:
             path, state = found
+            unconfirmed = path  # if it was written just before the run stopped, the next step confirms it
             start_step = resumed_from = state["step"]
             tokens_seen = state["tokens_seen"]
             if "stability" in state:
@@ -646,6 +767,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             if changed:
                 acc.print(f"resume: settings changed since {path.name}, applied from step {start_step + 1}: "
                           f"{_describe_changes(changed)}")  # fmt: skip
+            unrecorded = sorted(set(invariants) - set(state.get("invariants", {})))
+            if unrecorded:  # written by an older loramoe: resumable, but these cannot be checked
+                acc.print(f"warning: {path} does not record {', '.join(unrecorded)} (written by an older loramoe), so "
+                          "they were not checked: the run continues as if they were the settings given now")  # fmt: skip
         elif cfg.resume:
             acc.print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
             if acc.is_main_process:
@@ -655,7 +780,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             if eval_data is not None:
                 report["eval"] = eval_data.report.to_dict()
             write_json(out / "data_report.json", report)
-            (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text(out / "train_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         acc.print(
             f"training {cfg.method}: {trainable:,} trainable of {total_params:,} parameters; {total_steps} steps x "
             f"{per_step} samples ({world} process(es) x {cfg.batch_size} x {cfg.grad_accum} accumulation)"
@@ -676,22 +801,28 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 for m in range(cfg.grad_accum)
             ]
             lm_loss, blc_loss, norm, step_tokens = _forward_backward(model, batches, params, cfg, acc)
+            # this step's loss and gradient are those of the weights the last checkpoint holds: they confirm it
             stable = watch.observe(lm_loss, norm)
+            if stable and unconfirmed is not None:
+                ckpt.confirm(unconfirmed, {"step": step + 1, "lm_loss": lm_loss, "grad_norm": norm})
+            unconfirmed = None
             if not all(math.isfinite(x) for x in (lm_loss, blc_loss, norm)):
                 good = newest_known_good(out)
                 message = (
                     f"non-finite loss at step {step + 1}: lm_loss={lm_loss}, blc_loss={blc_loss}, grad_norm={norm}. "
                     f"Training stopped without applying this step; last known-good checkpoint: "
-                    f"{good if good else 'none written yet'} (its step's loss and gradient norm were in line with "
-                    f"the steps before it). Lower --lr, check the data or --bf16, then --resume: it continues from "
-                    f"{'that checkpoint' if good else 'step 0'} with the lr (and any other schedule setting) you give it."
+                    f"{good if good else 'none written yet'} (the step after it, run with the weights it holds, had a "
+                    f"finite loss and gradient norm in line with the steps before). Lower --lr, check the data or "
+                    f"--bf16, then --resume: it continues from {'that checkpoint' if good else 'step 0'} with the lr "
+                    "(and any other schedule setting) you give it."
                 )
                 if acc.is_main_process:
                     event = {"step": step + 1, "event": "non_finite_loss", "message": message,
                              "resume_from_step": checkpoint_step(good) if good else 0}  # fmt: skip
                     with open(metrics_log, "a") as f:
                         f.write(json.dumps(event) + "\n")
-                raise NonFiniteLossError(message)
+                raise NonFiniteLossError(message, step + 1)
+            lr = scheduler.get_last_lr()[0]  # the lr this step applies (the scheduler then moves to the next one)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -699,13 +830,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             train_seconds += elapsed
             run_tokens += step_tokens
             tokens_seen += step_tokens
-            lr = scheduler.get_last_lr()[0]
             metrics = {"lm_loss": lm_loss, "loss": lm_loss}
             if cfg.method == "loramoe":
                 metrics.update(blc_loss=blc_loss, loss=lm_loss + cfg.blc_weight * blc_loss)
+            metrics["lr"] = lr
             done = step + 1
             record = {
-                "step": done, "epoch": done * per_step / len(data), **metrics, "lr": lr, "grad_norm": norm,
+                "step": done, "epoch": done * per_step / len(data), **metrics, "grad_norm": norm,
                 "tokens": tokens_seen, "tokens_per_s": run_tokens / train_seconds, "step_seconds": elapsed,
             }  # fmt: skip
             if not stable:
@@ -721,9 +852,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 with open(metrics_log, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                # known good once the next step confirms it (loramoe.checkpoint); null until then
                 state = {"step": done, "total_steps": total_steps, "tokens_seen": tokens_seen, "invariants": invariants,
-                         "config": cfg.to_dict(), "known_good": stable, "stability": watch.state_dict()}  # fmt: skip
-                ckpt.save(done, model, optimizer, state)
+                         "config": cfg.to_dict(), "known_good": None, "stability": watch.state_dict()}  # fmt: skip
+                unconfirmed = ckpt.save(done, model, optimizer, state)
         bar.close()
 
         final = acc.unwrap_model(model)
@@ -737,7 +869,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         tokens_per_s = run_tokens / train_seconds if train_seconds else 0.0
         result = TrainResult(
             output_dir=out, steps=total_steps, train_seconds=train_seconds, tokens_per_s=tokens_per_s,
-            metrics={**metrics, "lr": scheduler.get_last_lr()[0], **last_eval}, trainable_params=trainable,
+            metrics={**metrics, **last_eval}, trainable_params=trainable,
             total_params=total_params, model=final, tokenizer=tokenizer, resumed_from=resumed_from,
         )  # fmt: skip
         if acc.is_main_process:
@@ -745,7 +877,15 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             write_json(out / "train_result.json", summary)
         acc.print(f"saved to {out}: {'adapter' if cfg.method != 'full' else 'model'}, metrics.jsonl, train_result.json")
         return result
+    except Exception as e:
+        if out_of_space(e):  # the failed write removed what it had written; earlier checkpoints are intact
+            where = getattr(e, "filename", None) or out
+            raise RunStopped(f"{where}: no space left on the device (free some space, then run the same command "
+                             "with --resume: it continues from the newest checkpoint)") from e  # fmt: skip
+        raise
     finally:
+        if outdir is not None:
+            outdir.unlock()
         # Accelerator settings are process-wide; let a later train() in this process choose its own precision.
         AcceleratorState._reset_state()
 
