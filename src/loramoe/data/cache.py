@@ -22,9 +22,9 @@ names; the transformers and tokenizers versions), and `FORMAT`. Not in it: ``ski
 problem it met and they are raised again whenever bad records are not to be skipped), and the mixing weight and
 seed (applied on loading, as indices into the entry: `loramoe.data.load`).
 
-**Build**: the source is read once, in order, in batches of records that ``num_proc`` worker processes (``spawn``)
-encode while the arrays are appended in order, so the entry is the same bytes whatever ``num_proc``; it is
-written into ``<key>.tmp`` and renamed into place complete. A file lock per entry (``locks/<key>.lock``) lets
+**Build**: the source is read once, in order, in batches of records that ``num_proc`` worker processes encode
+while the arrays are appended in order, so the entry is the same bytes whatever ``num_proc``; it is written
+into ``<key>.tmp`` and renamed into place complete. A file lock per entry (``locks/<key>.lock``) lets
 one process build it while the others wait, then map it: under torchrun that is one process per machine (per
 cache folder); a second run with the same inputs reuses it, and says so. An entry that does not read back (bad
 ``meta.json``, an array of the wrong size, offsets that do not index the ids) is removed and rebuilt with a
@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -264,7 +265,9 @@ def _batches(items: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[list
 @contextlib.contextmanager
 def _encoder(encoding: Encoding, num_proc: int) -> Iterator[Callable[[list[Any]], Future]]:
     """``submit(records) -> Future[EncodedBatch]``: in this process for ``num_proc`` 1, else on a pool of
-    ``spawn`` workers (no fork of a process that holds torch's and the tokenizer's threads)."""
+    workers. On Linux they are forked: they share this process's memory (the imports: a spawned worker would
+    import torch and transformers again, ~0.5 GB and seconds each) and run only Python and the tokenizer, whose
+    own threads it turns off in a forked child; elsewhere they are spawned."""
     if num_proc == 1:
 
         def submit(records: list[Any]) -> Future:
@@ -274,7 +277,8 @@ def _encoder(encoding: Encoding, num_proc: int) -> Iterator[Callable[[list[Any]]
 
         yield submit
         return
-    pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+    method = "fork" if sys.platform == "linux" else "spawn"
+    pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
                                initargs=(encoding,))  # fmt: skip
     try:
         yield lambda records: pool.submit(_encode_in_worker, records)
