@@ -285,19 +285,20 @@ LIST_RECORDS = [{"instruction": "é" * 7, "output": "[1, 2]", "task_type": 1, "n
 @pytest.mark.parametrize("layout", ["indented", "one line", "crlf"])
 def test_a_json_list_read_in_small_windows_equals_json_loads(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(records_module, "CHUNK", 5)  # windows far smaller than a record
+    many = LIST_RECORDS * 20  # far more text than a window: what is behind is dropped as the reader moves on
     if layout == "indented":
-        text = json.dumps(LIST_RECORDS, indent=3, ensure_ascii=False)
+        text = json.dumps(many, indent=3, ensure_ascii=False)
     elif layout == "one line":
-        text = json.dumps(LIST_RECORDS, ensure_ascii=False)
+        text = json.dumps(many, ensure_ascii=False)
     else:
-        text = json.dumps(LIST_RECORDS, indent=1).replace("\n", "\r\n")
+        text = json.dumps(many, indent=1).replace("\n", "\r\n")
     path = tmp_path / "list.json"
     path.write_text(text, encoding="utf-8", newline="")
     got, problems = read_records(path)
     assert [r for _, r in got] == json.loads(text) and problems == []
     # a record's line is the line of its first character, counted independently here
     decoder, pos, starts = json.JSONDecoder(), text.index("[") + 1, []
-    for _ in LIST_RECORDS:
+    for _ in many:
         pos = len(text) - len(text[pos:].lstrip(" \t\r\n,"))
         starts.append(text.count("\n", 0, pos) + 1)
         pos = decoder.raw_decode(text, pos)[1]
@@ -307,8 +308,9 @@ def test_a_json_list_read_in_small_windows_equals_json_loads(tmp_path, monkeypat
 @pytest.mark.parametrize("layout", ["indented", "one line"])
 def test_a_broken_json_list_names_the_line_and_column_json_loads_names(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(records_module, "CHUNK", 5)
-    text = json.dumps(LIST_RECORDS, indent=2 if layout == "indented" else None, ensure_ascii=False)
-    bad = text.replace('"last"', '"last" "no colon"')
+    text = json.dumps(LIST_RECORDS * 20, indent=2 if layout == "indented" else None, ensure_ascii=False)
+    head, _, tail = text.rpartition('"last"')
+    bad = head + '"last" "no colon"' + tail  # in the last record: far past the first window
     path = tmp_path / "bad.json"
     path.write_text(bad, encoding="utf-8")
     with pytest.raises(json.JSONDecodeError) as expected:

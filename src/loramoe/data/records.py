@@ -184,7 +184,8 @@ class _Window:
     def __init__(self, f: IO[str]) -> None:
         self.f, self.text, self.pos, self.line, self.column0, self.eof = f, "", 0, 1, 0, False
 
-    def fill(self, ahead: int = CHUNK) -> None:
+    def fill(self, ahead: int | None = None) -> None:
+        ahead = CHUNK if ahead is None else ahead
         newline = self.text.rfind("\n", 0, self.pos)
         self.column0 = self.pos - newline - 1 if newline >= 0 else self.column0 + self.pos
         self.text, self.pos = self.text[self.pos :], 0
