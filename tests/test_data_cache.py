@@ -282,16 +282,23 @@ LIST_RECORDS = [{"instruction": "é" * 7, "output": "[1, 2]", "task_type": 1, "n
                 {"instruction": "last", "output": "z" * 40, "task_type": -1}]  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", ["indented", "one line", "crlf"])
+def list_text(records: list, layout: str) -> str:
+    if layout == "indented":
+        return json.dumps(records, indent=3, ensure_ascii=False)
+    if layout == "one line":
+        return json.dumps(records, ensure_ascii=False)
+    if layout == "crlf":
+        return json.dumps(records, indent=1).replace("\n", "\r\n")
+    # three records a line: a record starts mid-line, after a line break the window has left behind
+    rows = [", ".join(json.dumps(r, ensure_ascii=False) for r in records[i : i + 3]) for i in range(0, len(records), 3)]
+    return "[" + ",\n ".join(rows) + "]\n"
+
+
+@pytest.mark.parametrize("layout", ["indented", "one line", "crlf", "three a line"])
 def test_a_json_list_read_in_small_windows_equals_json_loads(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(records_module, "CHUNK", 5)  # windows far smaller than a record
     many = LIST_RECORDS * 20  # far more text than a window: what is behind is dropped as the reader moves on
-    if layout == "indented":
-        text = json.dumps(many, indent=3, ensure_ascii=False)
-    elif layout == "one line":
-        text = json.dumps(many, ensure_ascii=False)
-    else:
-        text = json.dumps(many, indent=1).replace("\n", "\r\n")
+    text = list_text(many, layout)
     path = tmp_path / "list.json"
     path.write_text(text, encoding="utf-8", newline="")
     got, problems = read_records(path)
@@ -305,10 +312,10 @@ def test_a_json_list_read_in_small_windows_equals_json_loads(tmp_path, monkeypat
     assert [line for line, _ in got] == starts
 
 
-@pytest.mark.parametrize("layout", ["indented", "one line"])
+@pytest.mark.parametrize("layout", ["indented", "one line", "three a line"])
 def test_a_broken_json_list_names_the_line_and_column_json_loads_names(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(records_module, "CHUNK", 5)
-    text = json.dumps(LIST_RECORDS * 20, indent=2 if layout == "indented" else None, ensure_ascii=False)
+    text = list_text(LIST_RECORDS * 20, layout)
     head, _, tail = text.rpartition('"last"')
     bad = head + '"last" "no colon"' + tail  # in the last record: far past the first window
     path = tmp_path / "bad.json"
