@@ -18,7 +18,8 @@ step, ``--max-seq-len 1024``, batch 8, in fresh processes, each phase with its o
 - ``warm2``: ``torchrun --nproc_per_node 2``, the cache of ``cold2``.
 
 Per process it reports the peak resident memory (VmHWM) after the first step, the seconds from the process's
-start to the end of the first step, and the peak of its children (the build's workers, from getrusage); the
+start to the end of the first step, the seconds spent in `load_instruction_data` (the data path: hashing the
+file, building or mapping the cache, mixing), and the peak of its children (the build's workers, from getrusage); the
 build's own time comes from the cache's log line. The table goes to stdout and ``<out>/results.json``.
 """
 
@@ -112,6 +113,16 @@ def driver(argv: list[str], results: Path) -> int:
         return out
 
     train._forward_backward = first_step
+    load = train.load_instruction_data
+
+    def timed_load(*args, **kwargs):
+        start = time.perf_counter()
+        data = load(*args, **kwargs)
+        seen.setdefault("data_s", 0.0)
+        seen["data_s"] += time.perf_counter() - start  # --data (and --eval-file): to the dataset, cache included
+        return data
+
+    train.load_instruction_data = timed_load
     code = cli.main(["train", *argv])
     rank = int(os.environ.get("RANK", "0"))
     seen.update(rank=rank, exit_code=code, vmhwm_exit_kb=_status("VmHWM"),
@@ -168,7 +179,7 @@ def run(out: Path, data: Path, phases: list[str], src: Path, batch_size: int, ma
 
 def row(phase: str, r: dict) -> str:
     ranks = "; ".join(
-        f"rank {x['rank']}: first step at {x['first_step_s']:.1f} s, VmHWM {x['vmhwm_first_step_kb'] / 2**20:.2f} GiB "
+        f"rank {x['rank']}: data path {x.get('data_s', float('nan')):.1f} s, first step at {x['first_step_s']:.1f} s, VmHWM {x['vmhwm_first_step_kb'] / 2**20:.2f} GiB "
         f"(exit {x['vmhwm_exit_kb'] / 2**20:.2f}), children peak {x['children_maxrss_kb'] / 2**20:.2f} GiB"
         for x in r["ranks"]
     )

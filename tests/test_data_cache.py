@@ -21,7 +21,6 @@ from loramoe.data import (
     CacheWarning,
     DataError,
     default_cache_dir,
-    encode_record,
     load_instruction_data,
     read_records,
 )
@@ -47,10 +46,15 @@ def entries(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if (p / "meta.json").is_file())
 
 
-def reference(records: list, tok, max_seq_len: int = 64) -> list[tuple[list[int], list[int], int]]:
-    """Each record encoded on its own, without the cache."""
-    names = dict(DEFAULT_TASK_TYPE_NAMES)
-    return [(s.input_ids, s.labels, s.task_type) for s in (encode_record(r, tok, max_seq_len, names)[0] for r in records)]
+def reference(records: list, tok) -> list[tuple[list[int], list[int], int]]:
+    """Each (short, reference-format) record tokenised on its own as SPEC.md says, without loramoe's encoding:
+    prompt = instruction (+ "\\n" + input) + EOS, target = output + EOS."""
+    out = []
+    for r in records:
+        prompt = tok(r["instruction"] + ("\n" + r["input"] if r["input"] else ""))["input_ids"] + [tok.eos_token_id]
+        target = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append((prompt + target, [-100] * len(prompt) + target, DEFAULT_TASK_TYPE_NAMES.get(r["task_type"], r["task_type"])))
+    return out
 
 
 def samples(data) -> list[tuple[list[int], list[int], int]]:
