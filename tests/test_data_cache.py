@@ -116,7 +116,8 @@ def test_mixing_weights_are_indices_into_one_entry(tmp_path, byte_tokenizer):
     assert len(got) == 25 and got[:20] == ref + ref and all(s in ref for s in got[20:]) and len(set(map(str, got[20:]))) == 5
 
 
-@pytest.mark.parametrize("damage", ["truncated ids", "bad meta", "missing offsets", "offsets out of order"])
+@pytest.mark.parametrize("damage", ["truncated ids", "bad meta", "meta without counts", "missing offsets",
+                                    "offsets out of order"])  # fmt: skip
 def test_a_corrupt_entry_is_rebuilt_with_a_warning_naming_it(tmp_path, byte_tokenizer, damage):
     records = [rec(i) for i in range(8)]
     path = write_jsonl(tmp_path / "a.jsonl", records)
@@ -128,6 +129,10 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning_naming_it(tmp_path, byte_toke
             f.truncate(10)
     elif damage == "bad meta":
         (entry / "meta.json").write_text('{"written_by": "loramoe", "form')
+    elif damage == "meta without counts":
+        meta = json.loads((entry / "meta.json").read_text())
+        del meta["report"]["problems"]
+        (entry / "meta.json").write_text(json.dumps(meta))
     elif damage == "missing offsets":
         (entry / "offsets.i64").unlink()
     else:

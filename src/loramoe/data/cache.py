@@ -68,6 +68,7 @@ META = "meta.json"
 LOCKS = "locks"
 ARRAYS = {"ids": ("ids.u32", np.uint32), "target": ("target.u8", np.uint8), "offsets": ("offsets.i64", np.int64),
           "task_type": ("task_type.i8", np.int8), "line": ("line.i64", np.int64)}  # fmt: skip
+REPORT_COUNTS = ("records", "valid", "prompt_cut", "prompt_tokens_cut", "truncated")
 RECORDS_PER_TASK = 256  # records a worker encodes at a time
 
 Log = Callable[[str], None]
@@ -121,9 +122,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise CorruptEntry(f"{META} does not read ({e})") from None
     if not isinstance(meta, dict) or meta.get("written_by") != "loramoe" or meta.get("format") != FORMAT:
         raise CorruptEntry(f"{META} is not that of a loramoe cache entry of format {FORMAT}")
-    for key in ("samples", "tokens", "digest", "report"):
-        if key not in meta:
-            raise CorruptEntry(f"{META} has no {key!r}")
+    report = meta.get("report")
+    fields = {"samples": meta.get("samples"), "tokens": meta.get("tokens"), "digest": meta.get("digest"),
+              **(report if isinstance(report, dict) else {"report": None})}  # fmt: skip
+    kinds = {"samples": int, "tokens": int, "digest": str, **dict.fromkeys(REPORT_COUNTS, int), "task_types": dict,
+             "names_used": list, "problems": list}  # fmt: skip
+    wrong = [key for key, kind in kinds.items() if not isinstance(fields.get(key), kind)]
+    if wrong:
+        raise CorruptEntry(f"{META} has no valid {', '.join(wrong)}")
     return meta
 
 
