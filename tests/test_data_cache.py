@@ -87,6 +87,19 @@ def test_a_second_load_reuses_the_entry_and_a_changed_file_replaces_it(tmp_path,
     assert entries(cache) != [built] and len(entries(cache)) == 1 and changed.fingerprint() != first.fingerprint()
 
 
+def test_a_datasets_source_goes_through_the_same_cache(tmp_path, byte_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    records = [rec(i, task_type=i % 2) for i in range(12)]
+    path = tmp_path / "a.parquet"
+    datasets.Dataset.from_list(records).to_parquet(str(path))
+    cache, log = tmp_path / "cache", []
+    first = load_instruction_data(path, byte_tokenizer, max_seq_len=64, cache_dir=cache, log=log.append)
+    again = load_instruction_data(path, byte_tokenizer, max_seq_len=64, cache_dir=cache, log=log.append)
+    assert [len(logged(log, w)) for w in ("building", "reusing")] == [1, 1]
+    assert samples(first) == samples(again) == reference(records, byte_tokenizer)
+    assert [s.source for s in again.samples][:2] == [f"{path}:row 0", f"{path}:row 1"]
+
+
 def test_every_setting_that_shapes_the_samples_is_in_the_key(tmp_path, byte_tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [rec(i, task_type="nli") for i in range(6)])
     cache = tmp_path / "cache"
