@@ -66,7 +66,9 @@ def check_split(specs: Iterable[str | Path], split: str | None, option: str = "s
 
 def read_rows(spec: str | Path, split: str | None = None, default_split: str | None = None) -> list[tuple[Row, dict]]:
     """``[(row, record)]`` of a dataset source. ``split`` (else ``default_split``) chooses the part of a
-    ``DatasetDict`` or Hub dataset; a ``DatasetDict`` with a single split needs none. Raises `SourceError`."""
+    ``DatasetDict`` or Hub dataset; a ``DatasetDict`` with a single split needs none. A ``split`` given for a
+    ``Dataset`` folder (which has none) is refused: read whole, it could hold the very samples the split was to
+    keep out. Raises `SourceError`."""
     return list(iter_rows(spec, split, default_split))
 
 
@@ -74,7 +76,7 @@ def iter_rows(spec: str | Path, split: str | None = None, default_split: str | N
     """`read_rows`, one row at a time: Arrow data stays memory-mapped and Parquet is read a row group at a time,
     so a large source is never in memory whole. A source that cannot be opened, or has no rows, raises
     `SourceError` here, before the first row."""
-    count, batches = _open_table(spec, split or default_split)
+    count, batches = _open_table(spec, split, default_split)
     if not count:
         raise SourceError(spec, "the dataset is empty (0 rows)")
     return _rows(spec, batches)
@@ -94,6 +96,9 @@ def dataset_files(spec: str | Path, split: str | None = None, default_split: str
     return sorted(Path(f["filename"]) for f in _read_hub(str(spec), split or default_split).cache_files)
 
 
+ROWS_PER_BATCH = 1000
+
+
 def _rows(spec: str | Path, batches: Iterable[Any]) -> Iterator[tuple[Row, dict]]:
     import pyarrow as pa
 
@@ -104,23 +109,20 @@ def _rows(spec: str | Path, batches: Iterable[Any]) -> Iterator[tuple[Row, dict]
                 yield Row(index), {k: v for k, v in record.items() if v is not None}
                 index += 1
     except (pa.ArrowException, OSError) as e:
-        raise SourceError(spec, f"cannot be read past row {index} ({e})") from None
+        raise SourceError(spec, f"cannot be read past row {index} ({_first_line(e)})") from None
 
 
-ROWS_PER_BATCH = 1000
-
-
-def _open_table(spec: str | Path, split: str | None) -> tuple[int, Iterable[Any]]:
+def _open_table(spec: str | Path, split: str | None, default_split: str | None) -> tuple[int, Iterable[Any]]:
     """``(rows, record batches)`` of a source, opened without reading its data."""
     path = Path(spec)
     if path.suffix in TABLE_SUFFIXES and path.is_file():
         return _read_table(path)
     if path.is_dir():
-        data = _read_saved(path, split)
+        data = _read_saved(path, split, default_split)
     elif path.suffix in TABLE_SUFFIXES:
         raise SourceError(path, "file not found")
     else:
-        data = _read_hub(str(spec), split)
+        data = _read_hub(str(spec), split or default_split)
     return len(data), data.with_format("arrow").iter(batch_size=ROWS_PER_BATCH)
 
 
@@ -162,10 +164,22 @@ def _check_saved(path: Path) -> None:
                                 "a .parquet / .arrow file or a save_to_disk folder)")  # fmt: skip
 
 
-def _read_saved(path: Path, split: str | None) -> Any:
+def _read_saved(path: Path, split: str | None, default_split: str | None) -> Any:
+    """The ``datasets.Dataset`` of a ``save_to_disk`` folder (memory-mapped), of the chosen split."""
     _check_saved(path)
-    loaded = _datasets(path).load_from_disk(str(path))
+    if split is not None and not _is_dataset_dict(path):
+        raise SourceError(path, f"a Dataset folder has no splits, but split {split!r} was given (expected a folder "
+                                "written by DatasetDict.save_to_disk with that split; a Dataset folder is read whole, "
+                                "so only without a split)")  # fmt: skip
+    datasets = _datasets(path)
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except IndexError:  # what datasets raises for a Dataset saved with 0 rows (it has no data file to load)
+        raise SourceError(path, "the dataset is empty (0 rows)") from None
+    except Exception as e:  # a missing or damaged shard, a newer format, ...: the library's own words, one line
+        raise SourceError(path, f"does not load as a save_to_disk folder ({_first_line(e)})") from None
     if _is_dataset_dict(path):
+        split = split or default_split
         splits = list(loaded)
         if split is None and len(splits) == 1:
             split = splits[0]
@@ -183,6 +197,10 @@ def _read_hub(spec: str, split: str | None) -> Any:
     try:
         return datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, unknown id, no such split, ...: all the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(spec, f"not a local file or folder, and loading it from the Hugging Face Hub failed: "
-                                f"{reason}") from None  # fmt: skip
+                                f"{_first_line(e)}") from None  # fmt: skip
+
+
+def _first_line(error: Exception) -> str:
+    """A library's error as one line: its first non-blank line (the rest is usually a traceback or a hint)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

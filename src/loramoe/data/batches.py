@@ -15,6 +15,7 @@ import torch
 
 from .cache import CacheEntry
 from .encode import IGNORE_INDEX, Sample
+from .records import place
 from .report import DataReport
 
 FINGERPRINT_VERSION = "v2"  # v1 (before the cache) hashed every sample's JSON
@@ -27,7 +28,7 @@ class Part:
 
     entry: CacheEntry
     path: str  # the source as named by the user, for ``file:line``
-    rows: bool  # located by row index rather than line
+    kind: str  # the source's kind (`loramoe.data.records.Source`): how its records are placed
     used: np.ndarray  # int64 indices into the entry
 
 
@@ -90,8 +91,8 @@ class _Samples(Sequence):
             return [self[k] for k in range(*i.indices(len(self)))]
         part, j = self.data._locate(i)
         input_ids, labels, task_type = part.entry.sample(j)
-        line = int(part.entry.line[j])
-        return Sample(input_ids, labels, task_type, f"{part.path}:{'row ' if part.rows else ''}{line}")
+        where = place(part.kind, int(part.entry.line[j]), int(part.entry.record[j]))
+        return Sample(input_ids, labels, task_type, f"{part.path}:{where}")
 
 
 @dataclass

@@ -14,9 +14,10 @@ An entry ``<cache folder>/<key>/`` holds::
     offsets.i64   [samples + 1]  sample i is ids[offsets[i] : offsets[i + 1]]
     task_type.i8  [samples]
     line.i64      [samples]      the line (or row) of each sample's record in its source
+    record.i64    [samples]      its 1-based index among the source's records (a JSON list's records share lines)
     meta.json     counts and problems for the report, the arrays' sha256, and what the key was made of
 
-**Key**: the sha256 of the source's content (all its files), its kind and split, and `Encoding.digest` (the
+**Key**: the sha256 of the source's content (all its files), its kind and chosen split, and `Encoding.digest` (the
 files the tokenizer saves, so its vocabulary and chat template; ``max_seq_len``; ``fit_prompt``; the task type
 names; the transformers and tokenizers versions), and `FORMAT`. Not in it: ``skip_bad`` (an entry keeps every
 problem it met and they are raised again whenever bad records are not to be skipped), and the mixing weight and
@@ -62,12 +63,13 @@ from ..outputs import MANIFEST, OutputDir, respect_umask, write_json
 from .encode import IGNORE_INDEX, TYPE_NAMES, EncodedBatch, Encoding, encode_batch
 from .records import Source, iter_records
 
-FORMAT = 1
+FORMAT = 2  # 2: record.i64
 ENV = "LORAMOE_CACHE"
 META = "meta.json"
 LOCKS = "locks"
 ARRAYS = {"ids": ("ids.u32", np.uint32), "target": ("target.u8", np.uint8), "offsets": ("offsets.i64", np.int64),
-          "task_type": ("task_type.i8", np.int8), "line": ("line.i64", np.int64)}  # fmt: skip
+          "task_type": ("task_type.i8", np.int8), "line": ("line.i64", np.int64),
+          "record": ("record.i64", np.int64)}  # fmt: skip
 REPORT_COUNTS = ("records", "valid", "prompt_cut", "prompt_tokens_cut", "truncated")
 RECORDS_PER_TASK = 256  # records a worker encodes at a time
 
@@ -96,7 +98,7 @@ class CacheEntry:
         self.path = Path(path)
         self.meta = _read_meta(self.path)
         n, tokens = self.meta["samples"], self.meta["tokens"]
-        counts = {"ids": tokens, "target": tokens, "offsets": n + 1, "task_type": n, "line": n}
+        counts = {"ids": tokens, "target": tokens, "offsets": n + 1, "task_type": n, "line": n, "record": n}
         for name, (file, dtype) in ARRAYS.items():
             setattr(self, name, _map(self.path / file, dtype, counts[name]))
         if self.offsets[0] != 0 or self.offsets[-1] != tokens or not np.all(np.diff(self.offsets) > 0):
@@ -177,7 +179,7 @@ class DataCache:
                 meta = _build(source, encoding, staging, num_proc)
                 where = source.path.resolve() if source.path.exists() else source.path
                 meta.update(written_by="loramoe", format=FORMAT, key=key, source=str(where), kind=source.kind,
-                            split=source.split, content=source.digest, encoding=encoding.digest,
+                            split=source.chosen_split, content=source.digest, encoding=encoding.digest,
                             seconds=round(time.perf_counter() - start, 3), workers=num_proc)  # fmt: skip
                 write_json(staging / META, meta)
                 respect_umask(staging)
@@ -226,7 +228,7 @@ def _open_root(root: Path) -> OutputDir:
 
 
 def _key(source: Source, encoding: Encoding) -> str:
-    described = {"format": FORMAT, "kind": source.kind, "split": source.split, "content": source.digest,
+    described = {"format": FORMAT, "kind": source.kind, "split": source.chosen_split, "content": source.digest,
                  "encoding": encoding.digest}  # fmt: skip
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:40]
 
@@ -239,9 +241,9 @@ def _build(source: Source, encoding: Encoding, folder: Path, num_proc: int) -> d
     writer = _Writer(folder)
     try:
         with _encoder(encoding, num_proc) as submit:
-            pending: deque[tuple[list[int], Future]] = deque()
-            for lines, records in _batches(iter_records(source), RECORDS_PER_TASK):
-                pending.append((lines, submit(records)))
+            pending: deque[tuple[list[tuple[int, int]], Future]] = deque()
+            for places, records in _batches(iter_records(source), RECORDS_PER_TASK):
+                pending.append((places, submit(records)))
                 while len(pending) > 2 * num_proc:  # bounded: the source is never read far ahead of the writing
                     writer.add(*_result(pending.popleft()))
             while pending:
@@ -251,21 +253,22 @@ def _build(source: Source, encoding: Encoding, folder: Path, num_proc: int) -> d
     return writer.meta()
 
 
-def _result(item: tuple[list[int], Future]) -> tuple[list[int], EncodedBatch]:
+def _result(item: tuple[list[tuple[int, int]], Future]) -> tuple[list[tuple[int, int]], EncodedBatch]:
     return item[0], item[1].result()
 
 
-def _batches(items: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[list[int], list[Any]]]:
-    lines: list[int] = []
+def _batches(items: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[list[tuple[int, int]], list[Any]]]:
+    """Batches of ``size`` records with the ``(line, index)`` of each (index: 1-based, in the source)."""
+    places: list[tuple[int, int]] = []
     records: list[Any] = []
-    for line, record in items:
-        lines.append(int(line))
+    for index, (where, record) in enumerate(items, 1):
+        places.append((int(getattr(where, "line", where)), index))
         records.append(record)
         if len(records) == size:
-            yield lines, records
-            lines, records = [], []
+            yield places, records
+            places, records = [], []
     if records:
-        yield lines, records
+        yield places, records
 
 
 @contextlib.contextmanager
@@ -313,7 +316,7 @@ class _Writer:
         self.hashes = {name: hashlib.sha256() for name in ("ids", "target", "offsets", "task_type")}
         self.samples = self.tokens = self.records = self.prompt_cut = self.prompt_tokens_cut = self.truncated = 0
         self.task_types: dict[str, dict[str, int]] = {}
-        self.problems: list[tuple[int, str]] = []
+        self.problems: list[tuple[int, int, str]] = []  # (index, line, reason)
         self.names_used: set[str] = set()
         self._write("offsets", np.zeros(1, dtype=np.int64))
 
@@ -327,12 +330,14 @@ class _Writer:
         counts = self.task_types.setdefault(kind, dict.fromkeys(("records", "valid", "skipped", "prompt_cut", "truncated"), 0))
         counts[key] += int(n)
 
-    def add(self, lines: list[int], batch: EncodedBatch) -> None:
+    def add(self, places: list[tuple[int, int]], batch: EncodedBatch) -> None:
         self._write("ids", batch.ids)
         self._write("target", batch.target)
         self._write("offsets", self.tokens + np.cumsum(batch.lengths))
         self._write("task_type", batch.task_type)
-        self._write("line", np.asarray(lines, dtype=np.int64)[batch.index])
+        where = np.asarray(places, dtype=np.int64).reshape(-1, 2)[batch.index]
+        self._write("line", where[:, 0])
+        self._write("record", where[:, 1])
         self.samples += len(batch.lengths)
         self.tokens += int(batch.lengths.sum())
         self.records += sum(batch.kinds.values())
@@ -342,7 +347,7 @@ class _Writer:
         for kind, n in batch.kinds.items():
             self._count(kind, "records", n)
         for i, kind, reason in batch.problems:
-            self.problems.append((lines[i], reason))
+            self.problems.append((places[i][1], places[i][0], reason))
             self._count(kind, "skipped", 1)
         for value, kind in TYPE_NAMES.items():
             mine = batch.task_type == value

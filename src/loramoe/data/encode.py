@@ -90,7 +90,17 @@ def _text_field(record: dict, key: str, required: bool = True) -> str:
         return ""
     if not isinstance(record[key], str):
         raise _BadRecord(f"field {key!r} must be a string, got {type(record[key]).__name__}")
-    return record[key]
+    return _check_text(record[key], f"field {key!r}")
+
+
+def _check_text(text: str, where: str) -> str:
+    """Refuse a lone UTF-16 surrogate (JSON ``"\\ud800"`` without its pair): not a character, no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadRecord(f"{where} holds {text[e.start]!r}, a lone UTF-16 surrogate, not text (expected a "
+                         "character, or a surrogate pair such as \\ud83d\\ude00)") from None
+    return text
 
 
 def _reference_texts(record: dict) -> tuple[str, str]:
@@ -117,6 +127,7 @@ def _encode_chat(record: dict, tok: PreTrainedTokenizerBase) -> tuple[list[int],
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise _BadRecord(f"messages[{i}] must be an object with string fields 'role' and 'content'")
+        _check_text(m["content"], f"messages[{i}].content")
         if m["role"] not in CHAT_ROLES:
             raise _BadRecord(f"messages[{i}].role {m['role']!r} is not a chat role (expected one of {list(CHAT_ROLES)})")
     if not any(m["role"] == "assistant" for m in messages):

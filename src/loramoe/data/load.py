@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from ..sources import Row, check_split
+from ..sources import check_split
 from .batches import InstructionDataset, Part
 from .cache import CacheEntry, DataCache, Log
 from .encode import DEFAULT_TASK_TYPE_NAMES, TYPE_NAMES, Encoding, check_task_type_names
-from .records import DataError, open_source
+from .records import DataError, open_source, place
 from .report import DataReport, FileReport
 
 DataSpec = str | Path | tuple[str | Path, float]
@@ -73,14 +73,14 @@ def load_instruction_data(
             file_report.skipped.append(str(e))
             continue
         entry = cache.entry(source, encoding, num_proc, log)
-        _report_entry(entry, file_report, report, source.rows, skip_bad)
+        _report_entry(entry, file_report, report, source.kind, skip_bad)
         used = _weighted(len(entry), weight, random.Random(seed * 1_000_003 + index))
         file_report.used = len(used)
         types = np.bincount(np.asarray(entry.task_type)[used] + 1, minlength=3)
         for value, name in TYPE_NAMES.items():
             if types[value + 1]:
                 file_report.count(name, "used", int(types[value + 1]))
-        parts.append(Part(entry, str(path), source.rows, used))
+        parts.append(Part(entry, str(path), source.kind, used))
     if not sum(len(p.used) for p in parts):
         first = f"; first: {report.skipped[0]}" if report.skipped else ""
         raise DataError(", ".join(f.path for f in report.files), None,
@@ -88,11 +88,11 @@ def load_instruction_data(
     return InstructionDataset(parts, report, keep=cache)
 
 
-def _report_entry(entry: CacheEntry, file_report: FileReport, report: DataReport, rows: bool, skip_bad: bool) -> None:
+def _report_entry(entry: CacheEntry, file_report: FileReport, report: DataReport, kind: str, skip_bad: bool) -> None:
     """Copy an entry's counts into the file's report; its first problem is the error unless ``skip_bad``."""
     stored = entry.meta["report"]
     path = file_report.path
-    problems = [(Row(line) if rows else line, reason) for line, reason in stored["problems"]]
+    problems = [(place(kind, line, index), reason) for index, line, reason in stored["problems"]]
     if problems and not skip_bad:
         raise DataError(path, *problems[0])
     for key in ("records", "valid", "prompt_cut", "prompt_tokens_cut", "truncated"):
@@ -121,9 +121,12 @@ def parse_data_spec(spec: DataSpec) -> tuple[Path, float]:
     else:
         path, weight = str(spec), 1.0
         head, sep, tail = path.rpartition(":")
-        if sep and head and re.fullmatch(r"[0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?", tail):  # "C:\\x" or "a:b.json" stay paths
+        if sep and head and re.fullmatch(r"[+-]?([0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?|inf|nan)", tail, re.I):  # "C:\\x" stays a path
             path, weight = head, float(tail)
-    weight = float(weight)
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise DataError(path, None, f"mixing weight must be a finite number > 0, got {weight!r}") from None
     if not weight > 0 or not math.isfinite(weight):
         raise DataError(path, None, f"mixing weight must be a finite number > 0, got {weight}")
     return Path(path), weight

@@ -3,7 +3,8 @@ records in memory.
 
 A JSON-lines file is read line by line; a JSON list element by element, through a window of text that moves
 along the file (each record keeps the line it starts on); a ``datasets`` source row by row
-(`loramoe.sources.iter_rows`), the 0-based row index standing for the line. `open_source` checks what concerns
+(`loramoe.sources.iter_rows`), the 0-based row index standing for the line. A record of a JSON list is placed
+by its 1-based index as well (``file:1 (record 7)``: ``json.dump`` writes a whole list on one line). `open_source` checks what concerns
 the whole file (missing, unreadable, not UTF-8, empty) and fingerprints its content, in one pass, before any
 record is read; a JSON list that breaks off raises `DataError` while it is read (nothing after the break can be
 located); a JSON line that does not parse is handed on as `Malformed`, for the caller to report or skip.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..sources import SourceError, dataset_files, is_dataset_source, iter_rows
+from ..sources import Row, SourceError, dataset_files, has_splits, is_dataset_source, iter_rows
 
 CHUNK = 1 << 20  # characters (bytes for hashing) read at a time
 _JSON_WS = re.compile(r"[ \t\n\r]*")
@@ -46,6 +47,26 @@ class Malformed:
     reason: str
 
 
+class ListRecord(int):
+    """The place of a JSON list's element: its 1-based index (how it sorts and counts) and the line it starts on;
+    prints as ``3 (record 7)``, so ``file:3 (record 7)`` tells records apart even when a list is on one line."""
+
+    def __new__(cls, index: int, line: int) -> ListRecord:
+        place = super().__new__(cls, index)
+        place.line = line
+        return place
+
+    def __str__(self) -> str:
+        return f"{self.line} (record {int(self)})"
+
+
+def place(kind: str, line: int, index: int) -> int:
+    """A record's place in messages (``file:{place}``) from its line (or row) and 1-based index in its source."""
+    if kind == "dataset":
+        return Row(line)
+    return ListRecord(index, line) if kind == "json_list" else line
+
+
 @dataclass(frozen=True)
 class Source:
     """A checked data source and the sha256 of its content (what the token cache is keyed by)."""
@@ -53,12 +74,13 @@ class Source:
     path: Path
     kind: str  # "jsonl" | "json_list" | "dataset"
     digest: str
-    split: str | None = None  # the split read from a DatasetDict folder or Hub id
+    split: str | None = None  # as given, for a DatasetDict folder or Hub id
+    default_split: str | None = None
 
     @property
-    def rows(self) -> bool:
-        """Located by row index (``file:row N``) rather than by line."""
-        return self.kind == "dataset"
+    def chosen_split(self) -> str | None:
+        """The split that decides what is read (None for a source without splits)."""
+        return (self.split or self.default_split) if has_splits(self.path) else None
 
 
 def open_source(path: str | Path, split: str | None = None, default_split: str | None = "train") -> Source:
@@ -66,13 +88,12 @@ def open_source(path: str | Path, split: str | None = None, default_split: str |
     empty`` and ``the dataset is empty`` are the problems ``skip_bad`` may skip)."""
     path = Path(path)
     if is_dataset_source(path):
-        chosen = split or default_split
         try:
             iter_rows(path, split, default_split)  # opens it: a bad split or an empty table is told here
             digest = _digest(dataset_files(path, split, default_split))
         except SourceError as e:
             raise DataError(e.location, None, e.reason) from None
-        return Source(path, "dataset", digest, chosen)
+        return Source(path, "dataset", digest, split, default_split)
     if path.is_dir():
         raise DataError(path, None, "is a folder (expected a JSON list or JSON-lines file of instruction records)")
     digest, lead = _scan_text(path)
@@ -84,11 +105,11 @@ def open_source(path: str | Path, split: str | None = None, default_split: str |
 
 
 def iter_records(source: Source) -> Iterator[tuple[int, Any]]:
-    """``(line, record)`` of every record in file order; ``record`` is a `Malformed` for a JSON line that does
-    not parse; rows of a ``datasets`` source come with their `Row` index."""
-    if source.rows:
+    """``(place, record)`` of every record in file order: the line (a `ListRecord` in a JSON list, a `Row` in a
+    ``datasets`` source); ``record`` is a `Malformed` for a JSON line that does not parse."""
+    if source.kind == "dataset":
         try:
-            yield from iter_rows(source.path, source.split)
+            yield from iter_rows(source.path, source.split, source.default_split)
         except SourceError as e:
             raise DataError(e.location, None, e.reason) from None
     elif source.kind == "json_list":
@@ -215,7 +236,8 @@ class _Window:
 
 
 def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
-    """``[rec, rec, ...]`` (known to start with ``[``) record by record, each with the line it starts on."""
+    """``[rec, rec, ...]`` (known to start with ``[``) record by record, each placed by its index and the line it
+    starts on."""
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8", newline="") as f:
         w = _Window(f)
@@ -224,6 +246,7 @@ def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
         w.skip_space()
         if w.at("]"):
             return
+        index = 0
         while True:
             if len(w.text) - w.pos < CHUNK:
                 w.fill()
@@ -242,7 +265,8 @@ def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
                 if end < len(w.text) or w.eof:  # a number at the window's end might go on
                     break
                 w.fill(2 * (len(w.text) - w.pos))
-            yield line, record
+            index += 1
+            yield ListRecord(index, line), record
             w.move(end)
             w.skip_space()
             if w.at(","):
