@@ -332,7 +332,7 @@ def test_a_json_list_read_in_small_windows_equals_json_loads(tmp_path, monkeypat
         pos = len(text) - len(text[pos:].lstrip(" \t\r\n,"))
         starts.append(text.count("\n", 0, pos) + 1)
         pos = decoder.raw_decode(text, pos)[1]
-    assert [line for line, _ in got] == starts
+    assert [(where.line, int(where)) for where, _ in got] == list(zip(starts, range(1, len(many) + 1)))
 
 
 @pytest.mark.parametrize("layout", ["indented", "one line", "three a line"])
@@ -352,10 +352,11 @@ def test_a_broken_json_list_names_the_line_and_column_json_loads_names(tmp_path,
 
 def test_records_are_read_as_they_are_needed(tmp_path):
     path = tmp_path / "l.json"
-    path.write_text('[{"a": 1},\n {"b": 2}\n {"c": 3}]')  # a comma is missing after the second record
+    path.write_text('[{"a": 1}, {"b": 2}\n {"c": 3}]')  # a comma is missing after the second record
     stream = records_module.iter_records(records_module.open_source(path))
-    assert next(stream) == (1, {"a": 1}) and next(stream) == (2, {"b": 2})
-    with pytest.raises(DataError, match=r"l\.json:3: malformed JSON \(expected ',' or '\]' after a record\)"):
+    assert [(str(where), record) for where, record in (next(stream), next(stream))] == \
+           [("1 (record 1)", {"a": 1}), ("1 (record 2)", {"b": 2})]  # fmt: skip
+    with pytest.raises(DataError, match=r"l\.json:2: malformed JSON \(expected ',' or '\]' after a record\)"):
         next(stream)
 
 
