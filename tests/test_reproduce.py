@@ -233,7 +233,8 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     lora, moe = saved["methods"]["lora"]["trainable_params"], saved["methods"]["loramoe"]["trainable_params"]
     assert 0.8 < lora / moe <= 1.0  # rank N*r: the same expert parameters, LoRAMoE adds the routers
     assert set(saved["routing"]["knowledge_share"]) == {"world_knowledge", "world_knowledge_in_format", "knowledge_test",
-                                                         "knowledge_test_in_format", *tasks.FAMILIES}  # fmt: skip
+                                                         "knowledge_test_in_format", "knowledge_out_of_pool",
+                                                         *tasks.FAMILIES}  # fmt: skip
     # the frontier: every (lr, scale) of each method's grid; the comparisons over the decisive seeds
     assert [(p["lr"], p["scale"]) for p in saved["frontier"]["lora"]] == [(1e-3, 1), (1e-3, 2), (2e-3, 1), (2e-3, 2)]
     assert saved["decisive"]["lr"]["lora"] in (1e-3, 2e-3) and saved["decisive"]["lr"]["sft"] == preset.lr_full
