@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -479,3 +480,200 @@ def test_a_runs_fingerprint_does_not_depend_on_where_the_checkout_or_output_is()
     a = fingerprint(TrainConfig(model="/home/a/loramoe/assets/tiny_base", data=["/tmp/x/data/k.jsonl"], output_dir="/x"))
     b = fingerprint(TrainConfig(model="/srv/b/assets/tiny_base", data=["runs/y/data/k.jsonl"], output_dir="/y"))
     assert a == b and a["model"] == "tiny_base" and a["data"] == ["k.jsonl"]
+
+
+# ---- where forgetting starts (issue 23): mastery split, per-scale lrs, KL, out-of-pool facts -------------------
+
+
+def test_mastery_split_takes_equal_counts_of_known_and_unknown_facts_in_file_order():
+    from loramoe.reproduce.mastery import split_known
+
+    facts = list("abcdefgh")
+    answered = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]  # known: a d e g h, unknown: b c f
+    assert split_known(facts, answered) == {"known": ["a", "d", "e"], "unknown": ["b", "c", "f"]}
+    assert split_known(facts, answered) == split_known(list(facts), list(answered))  # deterministic
+    assert split_known(facts, [1.0] * 8) == {"known": [], "unknown": []}  # the base knows all: no arm
+    with pytest.raises(ValueError, match="8 samples but 7 stored base answers"):
+        split_known(facts, answered[:7])
+
+
+def test_scale_axis_mastery_and_report_only_from_stored_runs(toy_base, tmp_path, monkeypatch):
+    """--decisive-at every: each scale's grid, then its own decisive seeds, smallest scale first; the mastery arm's
+    facts come from the base's *stored* answers (edited here by hand); --report-only trains nothing and leaves out
+    a scale whose grid is not all stored."""
+    path, _, _, world = toy_base
+    preset = tiny_preset(path, downstream_per_family=2, test_per_family=2, valid_per_family=2, batch_size=4,
+                         eval_batch_size=16, max_new_tokens=4, lr_grid={"lora": (1e-3, 2e-3)}, decisive_seeds=2,
+                         decisive_at="every", families=("count", "sentiment"))  # fmt: skip
+    lines: list[str] = []
+    run_experiment(Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=["base"], steps=1), log=lines.append)
+    stored = tmp_path / "results" / "base.json"
+    base = json.loads(stored.read_text())
+    train_facts = world.facts_of("train")
+    answered = [float(i % 3 == 0) for i in range(len(train_facts))]  # every third fact "known"
+    base["per_question"][pipeline.TRAIN_FACTS] = answered
+    stored.write_text(json.dumps(base))
+    plan = Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=["base", "lora"], steps=1, mastery_scale=2)
+    lines.clear()
+    raw = run_experiment(plan, log=lines.append)
+    started = [line.split("] ", 1)[1] for line in lines if line.startswith("[") and ": data x" in line]
+    assert [run.split(", 1 steps")[0] for run in started] == [
+        "lora: data x1, lr 0.001, seed 0", "lora: data x1, lr 0.002, seed 0", f"lora: data x1, lr {raw['decisive_by_scale']['1']['lr']['lora']:g}, seed 1",
+        "lora: data x2, lr 0.001, seed 0", "lora: data x2, lr 0.002, seed 0", f"lora: data x2, lr {raw['decisive_by_scale']['2']['lr']['lora']:g}, seed 1",
+        *[f"lora: data x2, lr {raw['decisive_by_scale']['2']['lr']['lora']:g}, seed {s}, {arm} facts only"
+          for s in (0, 1) for arm in ("known", "unknown")]]  # fmt: skip
+    known = [f.question for f, c in zip(train_facts, answered) if c][: answered.count(0.0)]
+    unknown = [f.question for f, c in zip(train_facts, answered) if not c][: len(known)]
+    for arm, questions in (("known", known), ("unknown", unknown)):
+        written = [json.loads(line)["input"] for line in (tmp_path / "data" / f"knowledge_{arm}.jsonl").read_text().splitlines()]
+        assert written == questions
+    assert len(raw["mastery_runs"]) == 4 and all(r["arm"] in ("known", "unknown") for r in raw["mastery_runs"])
+    n_test = len(world.facts_of("test"))  # KL per format-free test prompt; >= 0 up to float32 rounding
+    assert all(len(r["kl_base"]) == n_test and min(r["kl_base"]) > -1e-6 for r in raw["runs"] if r["method"] == "lora")
+    report = summarise(raw)
+    assert [row["scale"] for row in report["scale_axis"]] == [1, 2]
+    assert all(row["methods"]["lora"]["seeds"] == [0, 1] for row in report["scale_axis"])
+    assert {r["arm"] for r in report["mastery"]["table"]} == {"known", "unknown"}
+    assert report["mastery"]["test_known"] + report["mastery"]["test_unknown"] == len(world.facts_of("test"))
+    paths = write_report(report, tmp_path)
+    assert paths["scaling"].is_file() and paths["kl"].is_file()
+    text = paths["markdown"].read_text()
+    assert "## The mastery arm" in text and "out-of-pool facts" in text
+
+    # report only: nothing is trained; x2 without its full grid is left out, x1 is reported from what is stored
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    (tmp_path / "results" / "lora_x2_lr0.001_seed0.json").unlink()
+    lines.clear()
+    partial = run_experiment(replace_plan(plan, train_missing=False), log=lines.append)
+    assert partial["scales"] == [1] and list(partial["decisive_by_scale"]) == ["1"]
+    assert any("lora: data x2, lr 0.001, seed 0: not stored yet" in line for line in lines)
+    assert summarise(partial)["scale_axis"][0]["methods"]["lora"]["seeds"] == [0, 1]
+
+
+def replace_plan(plan, **changes):
+    from dataclasses import replace
+
+    return replace(plan, **changes)
+
+
+def test_each_scale_reports_its_own_validated_lr():
+    """Hand-made runs: validation picks lr 1e-3 at x1 (lr 1e-2 does not reach the level there) and 1e-2 at x4
+    (more validation knowledge at the matched level); the scale axis reads each scale at its own lr, never the
+    largest scale's."""
+    def run(method, lr, scale, seed, valid_ds, valid_wk, right):
+        scores = {"a_valid": valid_ds, "world_knowledge_valid": valid_wk, "a": 0.5,
+                  "world_knowledge": sum(right) / len(right)}  # fmt: skip
+        return {"method": method, "lr": lr, "scale": scale, "seed": seed, "scores": scores,
+                "per_question": {"world_knowledge": right}}  # fmt: skip
+
+    runs = [run("base", None, None, None, 0.1, 0.9, [1, 1, 1, 1])]
+    runs += [run("sft", 1e-3, 1, 0, 0.6, 0.8, [1, 1, 0, 0]), run("sft", 1e-2, 1, 0, 0.3, 0.9, [1, 1, 1, 1]),
+             run("sft", 1e-3, 4, 0, 0.6, 0.5, [0, 0, 0, 0]), run("sft", 1e-2, 4, 0, 0.7, 0.7, [1, 1, 1, 0]),
+             run("lora", 1e-3, 1, 0, 0.5, 0.9, [1, 0, 0, 0]), run("lora", 1e-3, 4, 0, 0.6, 0.9, [1, 1, 0, 0])]  # fmt: skip
+    runs += [run("sft", 1e-3, 1, 1, 0.6, 0.8, [1, 0, 0, 0]), run("sft", 1e-2, 4, 1, 0.7, 0.7, [1, 1, 0, 0])]
+    choices = {f"{s:g}": {**pipeline.choose_lrs(runs, s, ["a"]), "seeds": [0, 1]} for s in (1, 4)}
+    assert choices["1"]["lr"] == {"sft": 1e-3, "lora": 1e-3} and choices["1"]["level"] == 0.5
+    assert choices["4"]["lr"] == {"sft": 1e-2, "lora": 1e-3} and choices["4"]["level"] == 0.6
+    raw = {"preset": "t", "seeds": [0], "scales": [1, 4], "runs": runs, "data": {}, "steps": {},
+           "downstream_tasks": ["a"], "decisive_by_scale": choices}  # fmt: skip
+    from loramoe.reproduce.forgetting import scale_axis
+
+    axis = scale_axis(raw, [("lora", "sft")])
+    assert [row["scale"] for row in axis] == [1, 4]
+    sft = [row["methods"]["sft"] for row in axis]
+    assert [s["lr"] for s in sft] == [1e-3, 1e-2] and [s["seeds"] for s in sft] == [[0, 1], [0, 1]]
+    assert [s["world_knowledge"]["mean"] for s in sft] == pytest.approx([(0.5 + 0.25) / 2, (0.75 + 0.5) / 2])
+    c = axis[1]["comparisons"]["lora-sft"]["world_knowledge"]  # lora has seed 0 only: paired over seed 0
+    assert c["seeds"] == [0] and c["diff"] == pytest.approx(0.5 - 0.75)
+
+
+def test_mastery_table_splits_test_facts_by_the_base_answers():
+    """Hand-made: the base knew test facts 0 and 1; an arm's 'known test facts' score reads only those."""
+    from loramoe.reproduce.forgetting import mastery
+
+    def run(method, arm, seed, right, **extra):
+        r = {"method": method, "scale": 4, "lr": 1e-3, "seed": seed, "arm": arm, "per_question": {"world_knowledge": right},
+             "scores": {"a": 0.5, "world_knowledge": sum(right) / 4, "knowledge_out_of_pool": 0.5}, **extra}  # fmt: skip
+        if arm is None:
+            r.pop("arm")
+        return r
+
+    base = run("base", None, None, [1, 1, 0, 0])
+    mastery_runs = [run("sft", "known", s, [1, 1, 1, 0]) for s in (0, 1)]
+    mastery_runs += [run("sft", "unknown", 0, [0, 1, 0, 1]), run("sft", "unknown", 1, [0, 0, 1, 1])]
+    raw = {"runs": [base], "mastery_runs": mastery_runs, "mastery_scale": 4, "downstream_tasks": ["a"],
+           "data": {"knowledge_known": 7}}  # fmt: skip
+    m = mastery(raw, [])
+    assert (m["test_known"], m["test_unknown"], m["facts_per_arm"]) == (2, 2, 7)
+    rows = {r["arm"]: r for r in m["table"]}
+    assert rows["known"]["test_known"] == pytest.approx(1.0) and rows["known"]["test_unknown"] == pytest.approx(0.5)
+    assert rows["unknown"]["test_known"] == pytest.approx(0.25) and rows["unknown"]["test_unknown"] == pytest.approx(0.75)
+    c = m["comparisons"]["sft: unknown-known arm, known test facts"]
+    assert c["diff"] == pytest.approx(0.25 - 1.0) and c["questions"] == 2 and c["seeds"] == [0, 1]
+
+
+def test_kl_divergence_matches_hand_computed_values():
+    from loramoe.reproduce.divergence import kl_divergence
+
+    base = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    tuned = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
+    expected = [0.5 * torch.log(torch.tensor(0.5 / 0.9)) + 0.5 * torch.log(torch.tensor(0.5 / 0.1)), 0.0]
+    assert kl_divergence(base, tuned).tolist() == pytest.approx([float(expected[0]), 0.0], abs=1e-6)
+    assert kl_divergence(base + 3.0, tuned).tolist() == pytest.approx([float(expected[0]), 0.0], abs=1e-6)  # logits
+
+
+def test_next_token_kl_against_a_uniform_model_is_log_v_minus_entropy(toy_base):
+    """A copy whose output layer is zero predicts the uniform distribution u, so KL(p || u) = log V - H(p) at every
+    position: computed here from the base's own logits, one prompt at a time; the batch pads prompts of different
+    lengths, which must not change any prompt's value. A model against itself: 0."""
+    import copy
+    import math
+
+    from loramoe.reproduce.divergence import next_token_kl
+
+    _, model, tokenizer, world = toy_base
+    prompts = [f.statement(1).rsplit(" ", 1)[0] for f in world.facts_of("test")[:3]] + ["The number 4 comes after"]
+    uniform = copy.deepcopy(model)
+    head = uniform.get_output_embeddings()
+    uniform.set_output_embeddings(torch.nn.Linear(head.in_features, head.out_features, bias=False))
+    torch.nn.init.zeros_(uniform.get_output_embeddings().weight)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            expected.append(float((math.log(logp.shape[-1]) - entropy).mean()))
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # padding is exercised
+    assert next_token_kl(model, uniform, tokenizer, prompts, batch_size=4) == pytest.approx(expected, rel=1e-4)
+    assert next_token_kl(model, model, tokenizer, prompts, batch_size=4) == pytest.approx([0.0] * 4, abs=1e-6)
+
+
+def test_spearman_by_hand():
+    from loramoe.reproduce.forgetting import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties: x ranks 0, 1.5, 1.5, 3; y ranks 0, 2, 1, 3 -> Pearson of the ranks = 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_out_of_pool_facts_share_no_question_with_the_probe_or_the_extra_examples():
+    """The smollm2 out-of-pool set is written apart from the knowledge QA's pool: no question (normalised) of
+    realworld_facts.jsonl or examples/knowledge/more_facts.jsonl; every line well formed; tiny's is its number facts."""
+    from pathlib import Path
+
+    from loramoe.evaluate import normalize_answer
+    from loramoe.reproduce.presets import OUT_OF_POOL_FACTS, successor_facts
+
+    own = load_probe(OUT_OF_POOL_FACTS)
+    others = load_probe(REAL_FACTS) + load_probe(Path(__file__).parents[1] / "examples" / "knowledge" / "more_facts.jsonl")
+    questions = [normalize_answer(s.input) for s in own]
+    assert len(own) >= 100 and len(set(questions)) == len(questions)
+    assert not set(questions) & {normalize_answer(s.input) for s in others}
+    assert successor_facts()[3] == {"question": "What number comes before 4?", "prompt": "The number 4 comes after",
+                                    "answers": ["3"]}  # fmt: skip

@@ -52,7 +52,7 @@ TRAIN_FACTS = KNOWLEDGE_TASK + "_train"  # the training facts, format-free: scor
 RESULTS_DIR = "results"  # one JSON file per finished run: what a rerun with the same --out reuses
 # what `run_experiment` (and the CLI after it) writes into --out: listed in its manifest before it is written
 OUTPUTS = ("data", "tasks", "results", "runs", "routing", "runs.jsonl", "raw_results.json", "report.json",
-           "report.md", "forgetting.png", "frontier.png", "routing.png")  # fmt: skip
+           "report.md", "forgetting.png", "frontier.png", "routing.png", "scaling.png", "kl.png")  # fmt: skip
 ROUTING_LIMIT = 50  # samples per task for the routing statistics (a forward pass each; the mean settles by then)
 
 
