@@ -28,6 +28,7 @@ from .pipeline import OUT_OF_POOL
 from .stats import paired_bootstrap
 from .tasks import KNOWLEDGE_TASK
 
+KL_FLOOR = 1e-6  # kl.png's log axis starts here: float32 rounding leaves a barely trained run's KL near 0, even < 0
 FACT_SETS = {KNOWLEDGE_TASK: "test facts (the knowledge QA's pool)", OUT_OF_POOL: "out-of-pool facts"}
 
 
@@ -325,6 +326,8 @@ def plot_scaling(report: dict[str, Any], path: Path) -> Path:
             ax.errorbar([s for s, _ in rows], ys, yerr=err, label=m, capsize=3, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(scales, [f"x{s:g}" for s in scales])
+        if key != "kl":  # percentages on their full range, so that a small difference looks small
+            ax.set_ylim(0, 102)
         ax.set_xlabel("instruction data scale")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -346,12 +349,13 @@ def plot_kl(report: dict[str, Any], path: Path) -> Path:
     for ax, task in zip(axes, tasks):
         for i, m in enumerate(methods):
             pts = [p for p in kl["points"] if p["method"] == m]
-            ax.scatter([p["kl"] for p in pts], [100 * p[f"{task}_change"] for p in pts], s=16, color=f"C{i + 1}", label=m)
+            xs = [max(p["kl"], KL_FLOOR) for p in pts]
+            ax.scatter(xs, [100 * p[f"{task}_change"] for p in pts], s=16, color=f"C{i + 1}", label=m)
         rho = kl["spearman"].get(task)
         ax.axhline(0, color="gray", linewidth=1)
-        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xscale("log")
         ax.set_xlabel("KL(base || tuned), nats/token, held-out prompts")
-        ax.set_ylabel(f"knowledge change vs base (points), {FACT_SETS[task]}")
+        ax.set_ylabel("knowledge change vs base (points)")
         ax.set_title(f"{FACT_SETS[task]}: Spearman {'n/a' if rho is None else f'{rho:+.2f}'}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
