@@ -517,11 +517,11 @@ def test_scale_axis_mastery_and_report_only_from_stored_runs(toy_base, tmp_path,
     lines.clear()
     raw = run_experiment(plan, log=lines.append)
     started = [line.split("] ", 1)[1] for line in lines if line.startswith("[") and ": data x" in line]
-    assert [run.split(", 1 steps")[0] for run in started] == [
-        "lora: data x1, lr 0.001, seed 0", "lora: data x1, lr 0.002, seed 0", f"lora: data x1, lr {raw['decisive_by_scale']['1']['lr']['lora']:g}, seed 1",
-        "lora: data x2, lr 0.001, seed 0", "lora: data x2, lr 0.002, seed 0", f"lora: data x2, lr {raw['decisive_by_scale']['2']['lr']['lora']:g}, seed 1",
-        *[f"lora: data x2, lr {raw['decisive_by_scale']['2']['lr']['lora']:g}, seed {s}, {arm} facts only"
-          for s in (0, 1) for arm in ("known", "unknown")]]  # fmt: skip
+    chosen = {s: raw["decisive_by_scale"][s]["lr"]["lora"] for s in ("1", "2")}
+    assert [run.split(", 1 steps")[0] for run in started] == [  # the mastery scale first, then smallest first
+        "lora: data x2, lr 0.001, seed 0", "lora: data x2, lr 0.002, seed 0", f"lora: data x2, lr {chosen['2']:g}, seed 1",
+        *[f"lora: data x2, lr {chosen['2']:g}, seed {s}, {arm} facts only" for s in (0, 1) for arm in ("known", "unknown")],
+        "lora: data x1, lr 0.001, seed 0", "lora: data x1, lr 0.002, seed 0", f"lora: data x1, lr {chosen['1']:g}, seed 1"]  # fmt: skip
     known = [f.question for f, c in zip(train_facts, answered) if c][: answered.count(0.0)]
     unknown = [f.question for f, c in zip(train_facts, answered) if not c][: len(known)]
     for arm, questions in (("known", known), ("unknown", unknown)):

@@ -402,12 +402,14 @@ def open_out(out: Path, names: tuple[str, ...], preset: Preset) -> None:
     folder.record(names)
 
 
-def scale_order(scales: list[float], decisive_at: str) -> list[float]:
+def scale_order(scales: list[float], decisive_at: str, mastery_scale: float | None = None) -> list[float]:
     """The order the scales run in, so that a study stopped part-way (and resumed later) already holds finished
     parts. Seeds at every scale: the smallest (cheapest) scale first, each finished with its decisive seeds. Seeds
     at the largest scale only: the largest first (its grid chooses the decisive lrs, then its seeds), then the
-    others from large to small (more frontier points)."""
-    return sorted(scales) if decisive_at == "every" else sorted(scales, reverse=True)
+    others from large to small (more frontier points). The mastery arm's scale goes before all: its grid chooses
+    the arm's lrs, and the arm is the cheapest new evidence."""
+    order = sorted(scales) if decisive_at == "every" else sorted(scales, reverse=True)
+    return sorted(order, key=lambda s: s != mastery_scale)
 
 
 def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -436,7 +438,7 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     largest = max(plan.scales)
     decisive_seeds = [s for s in range(max(p.decisive_seeds, 1)) if s not in plan.seeds]
     seeded = set(plan.scales) if p.decisive_at == "every" else {largest}
-    order = scale_order(plan.scales, p.decisive_at)
+    order = scale_order(plan.scales, p.decisive_at, plan.mastery_scale)
     grid = {scale: [(seed, scale, m, lr) for seed in plan.seeds for m in trained for lr in p.lrs(m)] for scale in order}
     mastery_seeds = list(range(max(p.decisive_seeds, 1)))
     units = (sum(steps[scale] + EVAL_UNITS for points in grid.values() for _, scale, _, _ in points) + EVAL_UNITS
