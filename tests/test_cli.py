@@ -159,6 +159,45 @@ def test_a_run_that_stops_or_a_bug_is_one_line_exit_1(monkeypatch, capsys):
         cli.main(["import-official", "a", "b", "--debug"])
 
 
+# A library that prints at import, every way there is: sitecustomize (on PYTHONPATH) runs before loramoe is imported
+# and makes the first import of each of these modules print, as bitsandbytes' `kernels` hook does on some CPUs.
+NOISY_IMPORTS = """
+import importlib.abc, logging, os, sys, warnings
+
+class Noisy(importlib.abc.MetaPathFinder):
+    pending = {"torch", "transformers", "peft", "accelerate"}
+
+    def find_spec(self, name, path=None, target=None):
+        if name in self.pending:
+            self.pending.discard(name)
+            print(f"print at import of {name}", file=sys.stderr)
+            logging.getLogger(f"noisy.{name}").warning("logging at import of %s", name)
+            warnings.warn(f"warning at import of {name}")
+            os.write(2, f"C-level write at import of {name}\\n".encode())
+        return None
+
+sys.meta_path.insert(0, Noisy())
+"""
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_from_a_shell_one_line_whatever_libraries_print_at_import(command, paths, tmp_path):
+    """The installed extras (bitsandbytes among them) with the Hub offline, plus a library printing at import in
+    every way: the failure is still the one line; --debug shows what was held."""
+    (tmp_path / "sitecustomize.py").write_text(NOISY_IMPORTS)
+    case_argv = [a.format(**paths) for a in CASES[command][0][1]]
+    argv = [sys.executable, "-m", "loramoe.cli", command, *case_argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    env.pop("LORAMOE_DEBUG", None)
+    plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2
+    assert plain.stderr.startswith(f"loramoe {command}: error: ") and len(plain.stderr.splitlines()) == 1, plain.stderr
+    if command == "train":
+        debug = subprocess.run([*argv, "--debug"], env=env, capture_output=True, text=True, timeout=300)
+        assert "C-level write at import of torch" in debug.stderr and "logging at import of peft" in debug.stderr
+
+
 def test_from_a_shell_no_traceback_unless_asked_for(paths):
     argv = [sys.executable, "-m", "loramoe.cli", "train", "--model", f"{paths['root']}/nowhere", "--data", paths["data"],
             "--output-dir", f"{paths['root']}/run"]  # fmt: skip

@@ -8,22 +8,21 @@ Constraint) for Hugging Face causal LMs, registered as a PEFT method.
 
 from __future__ import annotations
 
-import logging
+from ._quiet import held_output
 
-# bitsandbytes (imported by peft when installed) warns at import, on CPUs with AVX512-BF16, that it could not fetch
-# an optional kernel from the Hub. loramoe never fetches anything, and the line would break the CLI's one-line errors.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Under the command line, what torch / transformers / peft (and bitsandbytes through peft) print at import is held
+# for --debug: it would break the one-line errors (see loramoe._quiet).
+with held_output():
+    from ._registration import register
+    from .balance import group_coefficients, importance, localized_balancing_loss
+    from .config import LoraMoeConfig
+    from .layer import Linear, LoraMoeLayer, mix_experts
+    from .model import LoraMoeModel, RoutingRecord, default_target_modules
 
-from ._registration import register  # noqa: E402
-from .balance import group_coefficients, importance, localized_balancing_loss  # noqa: E402
-from .config import LoraMoeConfig  # noqa: E402
-from .layer import Linear, LoraMoeLayer, mix_experts  # noqa: E402
-from .model import LoraMoeModel, RoutingRecord, default_target_modules  # noqa: E402
+    register()
 
-register()
-
-from .interop import import_official  # noqa: E402  (needs the registered PeftType)
-from .model import capture_routing, find_tuner  # noqa: E402
+    from .interop import import_official  # (needs the registered PeftType)
+    from .model import capture_routing, find_tuner
 
 __version__ = "0.1.0"
 

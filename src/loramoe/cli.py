@@ -18,7 +18,8 @@ Failures are one line on stderr, for every command (a new entry in `COMMANDS` ge
 - exit 130: interrupted (Ctrl-C).
 
 ``--debug`` (accepted by every command) or the environment variable ``LORAMOE_DEBUG=1`` shows the traceback
-instead (the exception is re-raised).
+instead (the exception is re-raised), and first what third-party libraries printed while they were imported
+(held otherwise, whatever they print on whichever CPU: see `loramoe._quiet`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import importlib
 import os
 import sys
 import warnings
+
+from ._quiet import HELD, held_output
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("loramoe.interop", "convert an adapter saved by the reference LoRAMoE code"),
@@ -85,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = _debug(argv)
     try:
         if command:
-            module = importlib.import_module(COMMANDS[command][0])
+            with held_output():  # the command's own third-party imports (see loramoe._quiet)
+                module = importlib.import_module(COMMANDS[command][0])
+            if debug and HELD:
+                sys.stderr.write("".join(HELD))
             if hasattr(module, "run_argv"):  # another tool's command line: its arguments, unparsed (--debug is ours)
                 return int(_exit_code(module.run_argv, [a for a in argv[1:] if a != "--debug"]) or 0)
             module.configure_parser(subparsers[command])
