@@ -134,7 +134,8 @@ def test_test_facts_never_reach_the_fine_tuning_data(toy_base, tmp_path):
     assert not [p for p in held_out if p in train_text]
     assert all(p in train_text for p in world.splits["train"])
     test, valid = load_tasks(data.test_files), load_tasks(data.valid_files)
-    assert {s.task for s in test} == {"world_knowledge", "world_knowledge_in_format", *tasks.FAMILIES}
+    assert {s.task for s in test} == {"world_knowledge", "world_knowledge_in_format", "knowledge_out_of_pool",
+                                      *tasks.FAMILIES}  # fmt: skip
     assert {s.task for s in valid} == {"world_knowledge_valid", *(f + "_valid" for f in tasks.FAMILIES)}
     for task in ("world_knowledge", "world_knowledge_in_format"):
         assert sum(s.task == task for s in test) == len(world.splits["test"]) * len(ATTRIBUTES)
