@@ -415,6 +415,7 @@ def test_smollm2_preset_at_toy_size(tmp_path):
     probe.write_text("".join(REAL_FACTS.read_text().splitlines(keepends=True)[::22]))
     preset = smollm2_preset(probe, downstream_per_family=2, test_per_family=2, valid_per_family=2, batch_size=2,
                             max_new_tokens=6, scales=(1,), threads=1, lr_grid={}, decisive_seeds=1)  # fmt: skip
+    preset = with_overrides(preset, out_of_pool=lambda full=preset.out_of_pool: full()[:4])
     plan = Plan(preset, tmp_path / "out", seeds=[0], scales=[1], methods=list(METHODS), steps=1)
     report = summarise(run_experiment(plan, log=lambda line: None))
     assert report["preset"] == "smollm2" and set(report["methods"]) == set(METHODS)
@@ -423,7 +424,11 @@ def test_smollm2_preset_at_toy_size(tmp_path):
     format_free = json.loads((tasks_dir / "world_knowledge.jsonl").read_text().splitlines()[0])["prompt"]
     assert in_format.count("<|im_start|>user") == 1 and "<|im_start|>" not in format_free
     assert format_free.count("Question: ") == 4  # three worked examples, then the question
+    out_of_pool = json.loads((tasks_dir / "knowledge_out_of_pool.jsonl").read_text().splitlines()[0])["prompt"]
+    assert out_of_pool.split("Question: ")[:4] == format_free.split("Question: ")[:4]  # the same worked examples
+    assert out_of_pool.endswith("Question: What is the SI unit of force?\nAnswer:")
     assert report["methods"]["sft"]["trainable_params"] > 100_000_000
+    assert next(p["kl"] for p in report["kl"]["points"] if p["method"] == "sft") > 1e-6  # one step moved it
 
 
 @pytest.mark.slow
