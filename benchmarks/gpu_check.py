@@ -95,6 +95,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _fwd_bwd(module: nn.Module, owner: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device,
+             bf16: bool) -> Callable[[], None]:
+    """One timed forward + backward of ``module`` (``owner`` holds the parameters whose gradients are cleared)."""
+
+    def run() -> None:
+        x.grad = None
+        owner.zero_grad(set_to_none=True)
+        with _autocast(device, bf16):
+            y = module(x)
+        y.backward(grad.to(y.dtype))
+        _sync(device)
+
+    return run
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -217,18 +232,7 @@ def layer_benchmark(plan: Plan, device: torch.device) -> dict:
             x = torch.randn(1, tokens, d_in, device=device, requires_grad=True)
             grad = torch.randn(1, tokens, d_out, device=device)
 
-            def step(layer: nn.Module, bf16: bool = bf16, x: torch.Tensor = x, grad: torch.Tensor = grad):
-                def run() -> None:
-                    x.grad = None
-                    layer.zero_grad(set_to_none=True)
-                    with _autocast(device, bf16):
-                        y = layer(x)
-                    y.backward(grad.to(y.dtype))
-                    _sync(device)
-
-                return run
-
-            fns = {m: step(layer) for m, layer in layers.items()}
+            fns = {m: _fwd_bwd(layer, layer, x, grad, device, bf16) for m, layer in layers.items()}
             timing = time_interleaved(fns, plan.bench_rounds, plan.min_seconds, pairs)
             peak = {m: peak_bytes(fn) for m, fn in fns.items()}
             cases.append({"tokens": tokens, "in": d_in, "out": d_out, "mode": "bf16 autocast" if bf16 else "fp32",
@@ -411,15 +415,7 @@ def compile_layer(plan: Plan, device: torch.device) -> dict:
     grad = torch.randn(1, plan.compile_tokens, d_out, device=device)
 
     def step(module: nn.Module, owner: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            x.grad = None
-            owner.zero_grad(set_to_none=True)
-            with _autocast(device, True):
-                y = module(x)
-            y.backward(grad.to(y.dtype))
-            _sync(device)
-
-        return run
+        return _fwd_bwd(module, owner, x, grad, device, True)
 
     fns = {"base eager": step(base, base), "loramoe eager": step(fused.train(), fused),
            "base compiled": step(torch.compile(base, backend=plan.compile_backend), base),
