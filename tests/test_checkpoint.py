@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import json
 
-from loramoe.checkpoint import StabilityWatch, verify, write_checksums
+import torch
+
+from loramoe.checkpoint import (
+    Checkpointer,
+    StabilityWatch,
+    checkpoint_dirs,
+    newest_known_good,
+    verify,
+    write_checksums,
+)
 
 
 def _run(watch: StabilityWatch, steps: list[tuple[float, float]]) -> list[bool]:
@@ -32,6 +41,25 @@ def test_a_gradient_norm_jump_is_unstable_until_it_is_the_new_normal():
     assert _run(watch, [(2.0, 20.0)] * 11) == [False] * 10 + [True]
 
 
+def test_exactly_twice_the_median_loss_and_ten_times_the_median_norm_are_stable():
+    """The boundaries, with exactly representable numbers: median loss 2.0 and median norm 1.0 after five steps."""
+    start = [(1.0, 1.0), (2.0, 1.0), (2.0, 1.0), (2.0, 1.0), (3.0, 1.0)]
+    for step, expected in [((4.0, 1.0), True), ((4.000001, 1.0), False), ((2.0, 10.0), True), ((2.0, 10.00001), False)]:
+        watch = StabilityWatch()
+        assert _run(watch, start) == [True] * 5
+        assert watch.observe(*step) is expected, step
+
+
+def test_the_first_five_finite_steps_are_stable_whatever_their_loss():
+    """Warm-up: losses and norms far apart are normal early on. A non-finite step is never stable and is not one of
+    the five; the sixth finite step is judged, against median loss 1000 and median norm 1 of the five before it."""
+    warm_up = [(float("nan"), 1.0), (1e4, 1.0), (1e3, 1.0), (1e2, 1.0), (10.0, 1.0), (1e5, 50.0)]
+    for sixth, expected in [((2000.0, 1.0), True), ((2001.0, 1.0), False), ((10.0, 11.0), False)]:
+        watch = StabilityWatch()
+        assert _run(watch, warm_up) == [False] + [True] * 5
+        assert watch.observe(*sixth) is expected, sixth
+
+
 def test_watch_state_round_trips_through_json():
     a, b = StabilityWatch(), StabilityWatch()
     _run(a, [(3.0, 1.0)] * 6 + [(9.0, 1.0)])
@@ -54,3 +82,25 @@ def test_verify_names_the_file_that_differs_is_missing_or_was_added(tmp_path):
     assert verify(tmp_path) == f"{tmp_path / 'extra.pt'}: not written at save time"
     (tmp_path / "checksums.json").unlink()
     assert verify(tmp_path) is None  # a checkpoint from before checksums: judged by whether it loads
+
+
+def test_a_checkpoint_from_before_the_known_good_rule_counts_as_known_good(tmp_path):
+    """checkpoint-2 was written before the rule (no "known_good" in its state), 4 and 6 after a loss jump: 2 is
+    the one a non-finite stop names, and saving checkpoint-8 (keep_last=1) keeps it beside 8."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    for step, state in ((2, {}), (4, {"known_good": False}), (6, {"known_good": False})):
+        path = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, **state}))
+    assert newest_known_good(tmp_path) == tmp_path / "checkpoints" / "checkpoint-2"
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    try:
+        Checkpointer(Accelerator(cpu=True), tmp_path, keep_last=1, sharded=False).save(
+            8, model, optimizer, {"step": 8, "known_good": False})  # fmt: skip
+    finally:
+        AcceleratorState._reset_state()  # process-wide: leave the next Accelerator its own settings, as train() does
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-8"]
+    assert newest_known_good(tmp_path) == tmp_path / "checkpoints" / "checkpoint-2"

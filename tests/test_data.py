@@ -8,7 +8,14 @@ import re
 import pytest
 import torch
 
-from loramoe.data import DataError, InstructionCollator, load_instruction_data, parse_data_spec, read_records
+from loramoe.data import (
+    DataError,
+    InstructionCollator,
+    fit_to_length,
+    load_instruction_data,
+    parse_data_spec,
+    read_records,
+)
 
 
 def write_jsonl(path, records) -> str:
@@ -48,9 +55,9 @@ def test_json_list_records_keep_their_line_numbers(tmp_path, byte_tokenizer):
     path.write_text('[\n  {"instruction": "a", "output": "b", "task_type": 1},\n\n  {"instruction": "c",\n'
                     '   "output": "d", "task_type": 0}\n]\n')
     records, problems = read_records(path)
-    assert [line for line, _ in records] == [2, 4] and problems == []
+    assert [(place.line, int(place)) for place, _ in records] == [(2, 1), (4, 2)] and problems == []
     data = load_instruction_data(path, byte_tokenizer)
-    assert [s.source.rsplit(":", 1)[1] for s in data.samples] == ["2", "4"]
+    assert [s.source.rsplit(":", 1)[1] for s in data.samples] == ["2 (record 1)", "4 (record 2)"]
     assert "input" not in json.loads(path.read_text())[0]  # input is optional
 
 
@@ -104,6 +111,27 @@ def test_parse_data_spec_forms():
     assert parse_data_spec({"path": "y.json", "weight": 3})[1] == 3.0
     with pytest.raises(DataError, match="weight must be a finite number > 0"):
         parse_data_spec(("x.jsonl", 0))
+    for spec, shown in [("x.jsonl:-1", "-1.0"), ("x.jsonl:+inf", "inf"), ("x.jsonl:NaN", "nan"),
+                        ({"path": "x.jsonl", "weight": "fast"}, "'fast'")]:  # fmt: skip
+        with pytest.raises(DataError, match=rf"^x\.jsonl: mixing weight must be a finite number > 0, got {shown}$"):
+            parse_data_spec(spec)
+
+
+def test_a_json_list_on_one_line_tells_its_records_apart(tmp_path, byte_tokenizer):
+    """json.dump writes a list on one line: each record is placed by its index too, and counted in the mix."""
+    records = [rec(task_type=i % 2) for i in range(16)]
+    records[6] = {"instruction": "x", "task_type": 0}  # record 7 has no output
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:1 \(record 7\): missing field 'output'"):
+        load_instruction_data(path, byte_tokenizer)
+    data = load_instruction_data(path, byte_tokenizer, skip_bad=True)
+    assert [s.source for s in data.samples][:7] == [f"{path}:1 (record {i})" for i in (1, 2, 3, 4, 5, 6, 8)]
+    assert data.report.skipped == [f"{path}:1 (record 7): missing field 'output' (a record needs 'instruction', "
+                                   "'output' and 'task_type')"]  # fmt: skip
+    types = data.report.task_types()
+    assert (types["downstream"]["records"], types["knowledge"]["records"]) == (8, 8)
+    assert (types["downstream"]["skipped"], types["downstream"]["used"], types["knowledge"]["used"]) == (1, 7, 8)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
@@ -119,6 +147,9 @@ BAD_CASES = [  # (line content, expected message fragment)
     (json.dumps({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "a"}],
                  "task_type": 0}), "messages[0].role 'wizard' is not a chat role"),
     ("[1, 2]", "expected a JSON object"),
+    (json.dumps(rec(inp="\ud800")), "field 'input' holds '\\ud800', a lone UTF-16 surrogate, not text"),
+    (json.dumps({"messages": [{"role": "user", "content": "a\udfff"}, {"role": "assistant", "content": "b"}],
+                 "task_type": 0}), "messages[0].content holds '\\udfff', a lone UTF-16 surrogate"),
 ]
 
 
@@ -238,6 +269,32 @@ def test_a_long_response_keeps_half_the_length_for_the_prompt_then_is_cut_at_its
     assert (file.prompt_cut, file.prompt_tokens_cut, file.truncated) == (1, 68, 1)
 
 
+def test_fitting_keeps_exactly_the_right_distinct_tokens_for_an_odd_prompt_budget():
+    """Distinct token ids, so a cut moved by one token changes the result. Prompt 0..19 (20 tokens), target
+    100..102: at 16 tokens the prompt keeps 13 = its first 7 and its last 6 (the odd token goes to the start)."""
+    prompt, target = list(range(20)), [100, 101, 102]
+    ids, labels, cut = fit_to_length(prompt + target, [-100] * 20 + target, 16)
+    assert ids == [0, 1, 2, 3, 4, 5, 6, 14, 15, 16, 17, 18, 19, 100, 101, 102]
+    assert labels == [-100] * 13 + [100, 101, 102] and (cut.prompt_tokens, cut.truncated) == (7, False)
+    # 15 tokens and a 20-token target: the prompt keeps 15 // 2 = 7 (first 4, last 3), then the end is cut
+    long_target = list(range(100, 120))
+    ids, labels, cut = fit_to_length(prompt + long_target, [-100] * 20 + long_target, 15)
+    assert ids == [0, 1, 2, 3, 17, 18, 19, 100, 101, 102, 103, 104, 105, 106, 107]
+    assert labels == [-100] * 7 + list(range(100, 108)) and (cut.prompt_tokens, cut.truncated) == (13, True)
+    # one token over: the single token removed is the middle one (index 10 of 0..19: head 10, tail 9)
+    ids, _, cut = fit_to_length(prompt + target, [-100] * 20 + target, 22)
+    assert ids == list(range(10)) + list(range(11, 20)) + target and cut.prompt_tokens == 1
+    assert fit_to_length(prompt + target, [-100] * 20 + target, 23)[0] == prompt + target  # fits: untouched
+
+
+def test_fitting_a_file_of_distinct_characters(tmp_path, byte_tokenizer):
+    """The same cut through load_instruction_data: one byte per token, every byte of the prompt different."""
+    instruction = "".join(chr(c) for c in range(ord("0"), ord("0") + 40))  # "0123456789:;<=>?@ABC..." (40 bytes)
+    path = write_jsonl(tmp_path / "distinct.jsonl", [rec(instruction, "", "ok", 1)])
+    (sample,) = load_instruction_data(path, byte_tokenizer, max_seq_len=30).samples  # prompt 41 (+EOS) -> keep 27
+    assert byte_tokenizer.decode(sample.input_ids) == instruction[:14] + instruction[-12:] + "</s>ok</s>"
+
+
 def test_chat_records_are_fitted_before_the_first_assistant_turn(tmp_path, byte_tokenizer):
     messages = [{"role": "user", "content": "Q " + "x" * 300 + " why?"}, {"role": "assistant", "content": "because"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages, "task_type": 0}])
@@ -267,6 +324,20 @@ def test_per_type_mix_before_and_after_is_reported(tmp_path, byte_tokenizer):
     mix = data.report.mix()  # records: 3 / 2 / 2 of 7; samples used (weight 2): 4 / 0 / 4 of 8
     assert mix.startswith("downstream 3 (43%) -> 4 (50%) [1 skipped, 0 prompts cut, 0 truncated], invalid 2 (29%) -> 0 (0%)")
     assert mix.endswith("knowledge 2 (29%) -> 4 (50%)") and mix in data.report.summary()
+
+
+def test_per_type_totals_are_summed_over_files(tmp_path, byte_tokenizer):
+    """Two files sharing task types: the report's totals are the sums of the per-file counts, counted by hand."""
+    a = write_jsonl(tmp_path / "a.jsonl", [rec(task_type=1), rec("x" * 60, task_type=0), rec(task_type=0)])
+    b = write_jsonl(tmp_path / "b.jsonl", [rec(task_type=1), rec(task_type=1), rec(task_type=0), rec(task_type=7)])
+    data = load_instruction_data([f"{a}:2", b], byte_tokenizer, max_seq_len=48, skip_bad=True, fit_prompt=False)
+    assert data.report.task_types() == {
+        "downstream": {"records": 3, "valid": 2, "used": 3, "skipped": 1, "prompt_cut": 0, "truncated": 0},
+        "invalid": {"records": 1, "valid": 0, "used": 0, "skipped": 1, "prompt_cut": 0, "truncated": 0},
+        "knowledge": {"records": 3, "valid": 3, "used": 4, "skipped": 0, "prompt_cut": 0, "truncated": 0},
+    }
+    fitted = load_instruction_data([a, b], byte_tokenizer, max_seq_len=48, skip_bad=True).report.task_types()
+    assert fitted["downstream"]["prompt_cut"] == 1 and fitted["knowledge"]["prompt_cut"] == 0
 
 
 def test_a_folder_as_data_is_named(tmp_path, byte_tokenizer):

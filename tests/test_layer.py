@@ -126,7 +126,7 @@ def test_bf16_autocast_close_to_fp32():
     assert rel < 2e-2, rel
 
 
-# ---- the fused compute path: custom autograd Function, dropout, in-place residual, dtypes, torch.compile ----
+# ---- the fused compute path: custom autograd Function, dropout, in-place residual, dtypes (compile: test_compile) ----
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -284,16 +284,49 @@ def test_bf16_autocast_backward_close_to_fp32():
         assert (g16 - g32).norm() / g32.norm() < 3e-2, name
 
 
-def test_bf16_base_with_fp32_adapter_adds_out_of_place():
-    """A bf16 base output cannot take the fp32 product in place; the sum is still right, in the base's dtype."""
-    base = torch.nn.Linear(24, 40).requires_grad_(False)
-    layer = _fused(base, 3)
-    x = torch.randn(2, 5, 24)
-    ref = layer(x)
-    base.to(torch.bfloat16)
-    y = layer(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    assert (y.float() - ref).norm() / ref.norm() < 2e-2
+# Relative error (in norm) of a half-precision base against the fp32 loop on the same rounded weights and input:
+# about five units of the format's epsilon (bf16 2^-8, fp16 2^-11). Seen: bf16 <= 8e-3, fp16 <= 1.1e-3 (the
+# router's and the input's gradients; the output 5e-3 and 6e-4).
+HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_with_fp32_adapter_matches_per_expert_loop(dtype):
+    """A bf16/fp16 base (``--dtype``) with fp32 adapters (master weights): the experts run in the base's dtype, the
+    output is in it, the gradients reach the fp32 adapters as fp32, all within the format's tolerance of the
+    per-expert loop computed in fp32 on the same (rounded) base weights and input."""
+    base = torch.nn.Linear(64, 96).requires_grad_(False)
+    fused = _fused(base, 6)
+    base.to(dtype)
+    rounded = torch.nn.Linear(64, 96).requires_grad_(False)
+    rounded.load_state_dict({k: v.float() for k, v in base.state_dict().items()})
+    naive = _naive_from(fused, rounded)
+    x = torch.randn(4, 16, 64).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y1 = fused(x1)
+    y2 = naive(x2)
+    assert y1.dtype == dtype
+    h = [t for t in saved if t.shape == (64, 6 * fused.r["default"])]  # h = x A^T, kept for backward
+    assert [t.dtype for t in h] == [dtype]  # computed (and kept) in the base's dtype, not upcast to fp32
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    tol = HALF_TOLERANCE[dtype]
+    assert rel(y1, y2) < tol
+    g = torch.randn_like(y2)
+    y1.backward(g.to(dtype))
+    y2.backward(g)
+    n, r = 6, fused.r["default"]
+    grad_A = fused.loramoe_A["default"].grad
+    grad_B = fused.loramoe_B["default"].grad
+    assert {p.grad.dtype for p in fused.parameters() if p.requires_grad} == {torch.float32}
+    assert rel(grad_A, torch.cat([a.grad for a in naive.A])) < tol
+    assert rel(grad_B, torch.stack([b.grad for b in naive.B], 1).view(-1, n * r)) < tol
+    assert rel(fused.loramoe_router["default"].grad, naive.router.grad) < tol
+    assert rel(x1.grad, x2.grad) < tol
 
 
 def test_conv1d_gradients_match_linear():
@@ -310,19 +343,3 @@ def test_conv1d_gradients_match_linear():
     for name in ("loramoe_A", "loramoe_B", "loramoe_router"):
         torch.testing.assert_close(getattr(a, name)["default"].grad, getattr(b, name)["default"].grad,
                                    atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_torch_compile_matches_eager():
-    base = torch.nn.Linear(24, 40).requires_grad_(False)
-    layer = _fused(base, 3)
-    x = torch.randn(2, 5, 24, requires_grad=True)
-    results = []
-    for module in (layer, torch.compile(layer, fullgraph=True)):
-        layer.zero_grad()
-        x.grad = None
-        y = module(x)
-        (y ** 2).sum().backward()
-        results.append([y.detach(), x.grad] + [q.grad for q in layer.parameters() if q.requires_grad])
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -124,3 +124,46 @@ def test_make_task_needs_a_tokenizer_for_choices_and_keeps_foreign_files(tmp_pat
     with pytest.raises(FileExistsError, match=r"mine: holds files loramoe did not write \(nli.yaml\)"):
         make_tasks([tasks], tmp_path / "mine", tokenizer=str(base))
     assert (tmp_path / "mine" / "nli.yaml").read_text() == "task: nli\n"
+
+
+def _write_tasks(path: Path, tasks: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    return path
+
+
+def test_two_tasks_with_the_same_lm_eval_name_are_refused(tmp_path):
+    """'cb qa' and 'cb/qa' both sanitise to 'cb_qa': one would silently replace the other's files."""
+    tasks = _write_tasks(tmp_path / "t.jsonl", [{**TASKS[0], "task": "cb qa"}, {**TASKS[1], "task": "cb/qa"}])
+    with pytest.raises(ValueError, match=r"^task 'cb/qa': its lm-eval name 'cb_qa' is also that of task 'cb qa'"):
+        make_tasks([tasks], tmp_path / "cfg")
+    assert not (tmp_path / "cfg").exists()
+
+
+def test_a_foreign_file_in_a_folder_loramoe_owns_is_never_overwritten(tmp_path, model_dirs):
+    base, _ = model_dirs
+    tasks = _write_tasks(tmp_path / "t.jsonl", TASKS[:3])
+    make_tasks([tasks], tmp_path / "cfg")  # the folder is loramoe's now (its manifest lists cbqa.yaml/.jsonl)
+    (tmp_path / "cfg" / "nli.yaml").write_text("task: nli\n")  # someone else's, beside them
+    (tmp_path / "cfg" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"cfg/nli\.yaml: exists and was not written by loramoe"):
+        make_tasks([_write_tasks(tmp_path / "all.jsonl", TASKS)], tmp_path / "cfg", tokenizer=str(base))
+    assert (tmp_path / "cfg" / "nli.yaml").read_text() == "task: nli\n" and not (tmp_path / "cfg" / "nli.jsonl").exists()
+    assert set(make_tasks([tasks], tmp_path / "cfg")) == {"cbqa"}  # its own files are rewritten, the others kept
+    assert (tmp_path / "cfg" / "notes.txt").read_text() == "mine"
+
+
+def test_a_choice_that_encodes_to_no_tokens_is_refused_before_anything_is_written(tmp_path, model_dirs):
+    """The word tokenizer drops whitespace: the choice " " has no token, so its mean log-probability would be 0/0."""
+    base, _ = model_dirs
+    tasks = _write_tasks(tmp_path / "t.jsonl", TASKS[:3] + [{**TASKS[3], "choices": ["yes", " "]}])
+    with pytest.raises(ValueError, match=rf"^{tasks}:4: choice 1 \(' '\) encodes to no tokens \(expected at least one\)"):
+        make_tasks([tasks], tmp_path / "cfg", tokenizer=str(base))
+    assert not (tmp_path / "cfg").exists()
+
+
+def test_max_new_tokens_0_is_refused_in_one_line(tmp_path, capsys):
+    tasks = _write_tasks(tmp_path / "t.jsonl", TASKS[:3])
+    assert cli_main(["lm-eval", "make-task", str(tasks), "--out", str(tmp_path / "cfg"), "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "loramoe lm-eval: error: max_new_tokens: expected an integer >= 1, got 0"
+    assert not (tmp_path / "cfg").exists()
+    assert "max_gen_toks: 1\n" in make_tasks([tasks], tmp_path / "cfg", max_new_tokens=1)["cbqa"].read_text()

@@ -77,3 +77,85 @@ def test_respect_umask(tmp_path):
         os.umask(old)
     assert oct((tmp_path / "d").stat().st_mode & 0o777) == oct(0o750)
     assert oct((tmp_path / "d" / "f").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_overwrite_unlinks_a_symlinked_entry_and_never_follows_it(tmp_path):
+    """Owned entries that are symlinks (to a folder, to a file, to nothing): --overwrite removes the links only, and
+    publishing a new folder under such a name replaces the link, writing nothing where it pointed."""
+    outside = tmp_path / "outside"
+    (outside / "ckpts").mkdir(parents=True)
+    (outside / "ckpts" / "theirs.bin").write_text("keep")
+    (outside / "log.txt").write_text("keep")
+    out = OutputDir(tmp_path / "o", "--out").create()
+    out.record(["checkpoints", "metrics.jsonl", "gone", "adapter"])
+    os.symlink(outside / "ckpts", out.path / "checkpoints")
+    os.symlink(outside / "log.txt", out.path / "metrics.jsonl")
+    os.symlink(tmp_path / "nowhere", out.path / "gone")
+    os.symlink(outside / "ckpts", out.path / "adapter")
+    staging = out.staging()
+    (staging / "adapter").mkdir()
+    (staging / "adapter" / "new.bin").write_text("new")
+    out.publish(staging)
+    assert not (out.path / "adapter").is_symlink() and (out.path / "adapter" / "new.bin").read_text() == "new"
+    out.remove_owned()
+    assert sorted(p.name for p in out.path.iterdir()) == [MANIFEST]
+    assert sorted(p.name for p in (outside / "ckpts").iterdir()) == ["theirs.bin"]
+    assert (outside / "log.txt").read_text() == "keep"
+
+
+def test_a_name_recorded_twice_is_one_entry_and_removes_once(tmp_path):
+    out = OutputDir(tmp_path / "o", "--out").create()
+    out.record(["a.json", "a.json"])
+    assert json.loads((out.path / MANIFEST).read_text())["entries"] == ["a.json"]
+    out.record(["a.json", "b.json"])
+    assert json.loads((out.path / MANIFEST).read_text())["entries"] == ["a.json", "b.json"]
+    (out.path / MANIFEST).write_text(json.dumps({"written_by": "loramoe", "entries": ["c", "a.json", "c"]}))
+    (out.path / "a.json").write_text("{}")
+    (out.path / "c").mkdir()
+    assert out.entries() == ["c", "a.json"] and out.owned() == ["c", "a.json"]
+    out.remove_owned()
+    assert sorted(p.name for p in out.path.iterdir()) == [MANIFEST]
+
+
+def test_a_foreign_dangling_symlink_is_not_replaced(tmp_path):
+    out = OutputDir(tmp_path / "o", "--out").create()
+    os.symlink(tmp_path / "nowhere", out.path / "eval.json")
+    with pytest.raises(FileExistsError, match="eval.json: exists and was not written by loramoe"):
+        out.claim(["eval.json"])
+    staging = out.staging()
+    (staging / "eval.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="eval.json: exists and was not written by loramoe"):
+        out.publish(staging)
+    assert (out.path / "eval.json").is_symlink()
+
+
+def test_each_command_overwrites_only_what_it_wrote(tmp_path):
+    """`eval --out` into a training run's folder, then `train --overwrite` there: the evaluation stays."""
+    train = OutputDir(tmp_path / "run", "--output-dir", owner="train").create()
+    train.record(["metrics.jsonl", "checkpoints"])
+    (train.path / "metrics.jsonl").write_text("{}")
+    (train.path / "checkpoints").mkdir()
+    evaluation = OutputDir(tmp_path / "run", "--out", owner="eval")
+    evaluation.record(["eval.json"])
+    (train.path / "eval.json").write_text("{}")
+    assert json.loads((train.path / MANIFEST).read_text()) == {
+        "written_by": "loramoe", "entries": ["metrics.jsonl", "checkpoints", "eval.json"],
+        "owners": {"metrics.jsonl": "train", "checkpoints": "train", "eval.json": "eval"}}  # fmt: skip
+    assert OutputDir(tmp_path / "run", "--output-dir", owner="train").remove_owned() == ["eval.json"]
+    assert sorted(p.name for p in train.path.iterdir()) == ["eval.json", MANIFEST]
+    # entries listed before owners were recorded go with whichever command overwrites them, as they did
+    (train.path / MANIFEST).write_text(json.dumps({"written_by": "loramoe", "entries": ["eval.json"]}))
+    assert OutputDir(tmp_path / "run", "--output-dir", owner="train").remove_owned() == []
+    assert sorted(p.name for p in train.path.iterdir()) == [MANIFEST]
+
+
+def test_a_locked_folder_refuses_a_second_holder_until_released(tmp_path):
+    first = OutputDir(tmp_path, "--output-dir")
+    first.lock("train")
+    second = OutputDir(tmp_path, "--output-dir")
+    with pytest.raises(FileExistsError, match=rf"^{tmp_path}: in use by loramoe train \(pid {os.getpid()} on "):
+        second.lock("train")
+    assert second.foreign() == []  # the lock file is loramoe's
+    first.unlock()
+    second.lock("train")
+    second.unlock()

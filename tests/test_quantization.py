@@ -480,3 +480,32 @@ def test_4bit_layers_compute_in_the_chosen_dtype(saved, ids):
     with pytest.raises(ValueError, match=r"bnb_compute_dtype: the run says 'float16'"):
         prepare_for_training(base, "loramoe", "nf4", "float16")
     assert torch.equal(logits(loramoe(base), ids), expected)
+
+
+def test_4bit_layers_compute_in_the_loaded_dtype_by_default(saved):
+    """No --bnb-compute-dtype: a 4-bit layer computes in the dtype the model was loaded in (its input's dtype), from
+    a saved folder and in memory (the GGUF path); a chosen one wins over it."""
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded = load_base_model(saved["llama"], dtype=dtype, quantize="nf4")
+        assert {m.compute_dtype for m in loaded.modules() if layer_quantization(m)} == {dtype}
+    in_memory = quantize_model(load_base_model(saved["llama"], dtype=torch.bfloat16), "fp4")
+    assert {m.compute_dtype for m in in_memory.modules() if layer_quantization(m)} == {torch.bfloat16}
+    chosen = load_base_model(saved["llama"], dtype=torch.bfloat16, quantize="nf4", bnb_compute_dtype="float32")
+    assert {m.compute_dtype for m in chosen.modules() if layer_quantization(m)} == {torch.float32}
+
+
+def test_a_compute_dtype_without_4bit_quantization_is_refused_naming_the_key(saved, tiny_llama_dir, tmp_path, capsys):
+    """--bnb-compute-dtype without --quantize nf4/fp4 would not be applied: every way in refuses it, in one line."""
+    message = r"^bnb_compute_dtype: set to 'bfloat16' with quantize=None \(expected it only with nf4 or fp4"
+    with pytest.raises(ValueError, match=message):
+        load_base_model(saved["llama"], bnb_compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(bnb_compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match=message):
+        tiny_preset(bnb_compute_dtype="bfloat16")
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"type": "generate", "prompt": "Capital?", "answers": ["city"]}) + "\n")
+    assert cli.main(["eval", "--base", str(tiny_llama_dir), "--tasks", str(tasks), "--out", str(tmp_path / "eval"),
+                     "--no-progress", "--bnb-compute-dtype", "bfloat16"]) == 2  # routes loads through the same code
+    assert capsys.readouterr().err.startswith("loramoe eval: error: bnb_compute_dtype: set to 'bfloat16' with quantize=None")
+    assert not (tmp_path / "eval").exists()

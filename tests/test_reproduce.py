@@ -488,6 +488,37 @@ def test_a_runs_fingerprint_does_not_depend_on_where_the_checkout_or_output_is()
     assert a == b and a["model"] == "tiny_base" and a["data"] == ["k.jsonl"]
 
 
+def test_a_method_given_twice_in_the_lr_grid_trains_at_both():
+    import argparse
+
+    from loramoe.reproduce.cli import configure_parser, lr_grid
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(["--lr-grid", "sft=1e-3,3e-3", "lora=1e-4", "sft=2e-3"])
+    assert lr_grid({"sft": (5e-5,), "loramoe": (1e-3,)}, args) == {"sft": (1e-3, 2e-3, 3e-3), "loramoe": (1e-3,),
+                                                                   "lora": (1e-4,)}  # fmt: skip
+
+
+def test_a_non_finite_loss_in_a_study_gives_advice_reproduce_can_follow(tiny_llama_dir, tmp_path):
+    """train's advice names --resume, which `loramoe reproduce` does not have: a study reruns the run instead."""
+    from loramoe.errors import RunStopped
+    from loramoe.loading import load_base_model, load_tokenizer
+    from loramoe.train import TrainConfig
+
+    base = load_base_model(str(tiny_llama_dir))
+    base.register_forward_hook(lambda module, args, output: setattr(output, "loss", output.loss * float("nan")))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Add", "input": "1+1", "output": "2", "task_type": 0}) + "\n")
+    cfg = TrainConfig(model=str(tiny_llama_dir), data=[str(data)], output_dir=str(tmp_path / "run"), method="lora",
+                      max_steps=2, batch_size=1, max_seq_len=64, lr=1e-3, progress=False)  # fmt: skip
+    with pytest.raises(RunStopped) as info:
+        pipeline.train_and_measure(cfg, base, load_tokenizer(str(tiny_llama_dir)), lambda model: {}, None, 1)
+    assert str(info.value) == (f"{tmp_path / 'run'}: non-finite loss at step 1 (lr 0.001); lower the lr (--lr-adapter, "
+                               "or --lr-grid in a comparison) and run the same command again: the runs that finished "
+                               "are reused")  # fmt: skip
+
+
 # ---- where forgetting starts (issue 23): mastery split, per-scale lrs, KL, out-of-pool facts -------------------
 
 

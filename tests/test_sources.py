@@ -97,6 +97,49 @@ def test_splits_must_be_chosen_and_must_exist(tmp_path, byte_tokenizer):
         load_instruction_data(_jsonl(tmp_path / "r.jsonl", RECORDS), byte_tokenizer, split="test")
 
 
+def test_a_split_chooses_from_the_datasetdict_and_a_json_lines_file_beside_it_is_read_whole(tmp_path, byte_tokenizer):
+    paths = _sources(tmp_path, RECORDS)  # the DatasetDict: 'train' = all three records, 'test' = the first one
+    data = load_instruction_data([paths["dict"], paths["jsonl"]], byte_tokenizer, max_seq_len=64, split="test")
+    reference = _samples(load_instruction_data(paths["jsonl"], byte_tokenizer, max_seq_len=64))
+    assert _samples(data) == reference[:1] + reference
+    assert [s.source for s in data.samples] == [f"{paths['dict']}:row 0"] + [f"{paths['jsonl']}:{i}" for i in (1, 2, 3)]
+    assert [(f.records, f.used) for f in data.report.files] == [(1, 1), (3, 3)]
+
+
+def test_a_dataset_folder_given_a_split_is_refused(tmp_path, byte_tokenizer):
+    """A plain Dataset has no splits: read whole under --data-split it could hold the very samples the split keeps
+    out, so it is refused (beside a DatasetDict, which makes the split valid as a setting), naming the folder."""
+    paths = _sources(tmp_path, RECORDS)
+    with pytest.raises(DataError, match=rf"^{paths['folder']}: a Dataset folder has no splits, but split 'test' was "
+                                        r"given \(expected a folder written by DatasetDict.save_to_disk"):  # fmt: skip
+        load_instruction_data([paths["dict"], paths["folder"]], byte_tokenizer, split="test")
+    assert len(load_instruction_data([paths["dict"], paths["folder"]], byte_tokenizer)) == 6  # no split: 'train' + all
+    (tmp_path / "tasks").mkdir()
+    tasks = _sources(tmp_path / "tasks", TASKS)
+    with pytest.raises(TaskFileError, match=rf"^{tasks['folder']}: a Dataset folder has no splits, but split 'test'"):
+        load_tasks([tasks["dict"], tasks["folder"]], split="test")
+
+
+def test_a_multi_line_library_error_is_one_line_naming_the_source(tmp_path, monkeypatch, byte_tokenizer):
+    def fails(*args, **kwargs):
+        raise ValueError("\nCouldn't find 'someone/capitals' on the Hugging Face Hub.\n  Traceback (most recent call "
+                         "last):\n    more detail")  # fmt: skip
+
+    monkeypatch.setattr(datasets, "load_dataset", fails)
+    with pytest.raises(TaskFileError) as err:
+        load_tasks("someone/capitals", split="test")
+    assert str(err.value) == ("someone/capitals: not a local file or folder, and loading it from the Hugging Face Hub "
+                              "failed: Couldn't find 'someone/capitals' on the Hugging Face Hub.")  # fmt: skip
+    paths = _sources(tmp_path, RECORDS)
+    for shard in (tmp_path / "folder").glob("*.arrow"):
+        shard.unlink()  # a folder whose data file is gone: datasets' own error, as one line naming the folder
+    with pytest.raises(DataError) as err:
+        load_instruction_data(paths["folder"], byte_tokenizer)
+    message = str(err.value)
+    assert message.startswith(f"{paths['folder']}: does not load as a save_to_disk folder (") and "\n" not in message
+    assert "data-00000-of-00001.arrow" in message
+
+
 def test_task_files_from_datasets_match_json_lines(tmp_path):
     paths = _sources(tmp_path, TASKS)
     reference = load_tasks(paths["jsonl"])
@@ -127,6 +170,17 @@ def test_unreadable_sources_name_the_path(tmp_path, byte_tokenizer):
     skipped = load_instruction_data([tmp_path / "empty.parquet", _jsonl(tmp_path / "ok.jsonl", RECORDS)],
                                     byte_tokenizer, skip_bad=True)  # fmt: skip
     assert skipped.report.skipped == [f"{tmp_path / 'empty.parquet'}: the dataset is empty (0 rows)"]
+
+
+def test_an_empty_save_to_disk_dataset_is_named_empty(tmp_path, byte_tokenizer):
+    """datasets itself fails to load a Dataset saved with 0 rows (IndexError: it has no data file)."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'empty'}: the dataset is empty \\(0 rows\\)$"):
+        load_instruction_data(tmp_path / "empty", byte_tokenizer)
+    skipped = load_instruction_data([tmp_path / "empty", _jsonl(tmp_path / "ok.jsonl", RECORDS)], byte_tokenizer,
+                                    skip_bad=True)  # fmt: skip
+    assert skipped.report.skipped == [f"{tmp_path / 'empty'}: the dataset is empty (0 rows)"]
 
 
 def test_hub_id_offline_fails_with_one_line(tmp_path, monkeypatch, capsys, tiny_llama_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,13 @@ def test_pareto_frontier_keeps_the_undominated_points_by_rising_skill():
     assert pareto_frontier(POINTS) == [Point(0.20, 0.60), Point(0.50, 0.50), Point(0.80, 0.30)]
     assert pareto_frontier([Point(0.5, 0.5), Point(0.5, 0.5)]) == [Point(0.5, 0.5)]
     assert pareto_frontier([]) == []
+
+
+def test_a_weakly_dominated_point_is_not_on_the_frontier():
+    """Equal knowledge with less skill (or equal skill with less knowledge) is dominated: the frontier's knowledge
+    strictly falls as skill rises, and a method's curve does not get a flat step from a weaker run."""
+    assert pareto_frontier([Point(0.3, 0.5), Point(0.5, 0.5), Point(0.8, 0.2)]) == [Point(0.5, 0.5), Point(0.8, 0.2)]
+    assert pareto_frontier([Point(0.5, 0.4), Point(0.5, 0.5)]) == [Point(0.5, 0.5)]
 
 
 @pytest.mark.parametrize(("level", "expected"), [
@@ -69,6 +77,15 @@ def test_bootstrap_carries_the_seed_to_seed_variation():
 def test_bootstrap_refuses_tables_of_different_shapes():
     with pytest.raises(ValueError, match="seeds"):
         paired_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3)], ids=["no-questions", "no-seeds"])
+def test_bootstrap_refuses_empty_tables_naming_them(shape):
+    empty = np.zeros(shape)
+    shown = re.escape(str(shape))
+    with pytest.raises(ValueError, match=rf"^paired_bootstrap: expected two equal, non-empty \[seeds\]\[questions\] "
+                                         rf"tables, got shapes {shown} and {shown}"):  # fmt: skip
+        paired_bootstrap(empty, empty)
 
 
 def test_float_noise_does_not_make_two_equal_skills_different():

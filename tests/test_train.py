@@ -3,9 +3,13 @@ checkpoints, kill-and-resume equality, non-finite loss handling, config from YAM
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,17 +288,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama_dir
         return output
 
     model.register_forward_hook(poison)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5.*last known-good checkpoint: .*checkpoint-4"):
+    # step 5 ran with checkpoint-4's weights and gave a NaN: checkpoint-4 is not known good, checkpoint-2 is (step 3)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5.*last known-good checkpoint: \S*checkpoint-2 "):
         train(make_cfg(tiny_llama_dir, short_data, out, max_steps=8, save_every=2), model=model)
     assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-4"]
-    good = load_file(str(checkpoint_dirs(out)[-1] / "trainable.safetensors"))
+    good = load_file(str(checkpoint_dirs(out)[0] / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in good.values())
     assert not (out / "adapter_model.safetensors").exists()
     events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "non_finite_loss" and events[-1]["step"] == 5
     # resuming from the good checkpoint works (the poison is gone)
     result = train(make_cfg(tiny_llama_dir, short_data, out, max_steps=8, save_every=2, resume=True))
-    assert result.resumed_from == 4 and all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+    assert result.resumed_from == 2 and all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -318,6 +323,31 @@ def test_yaml_config_with_cli_overrides(tmp_path):
         TrainConfig.from_yaml(config)
     with pytest.raises(ValueError, match="TrainConfig.method='adapter' is invalid"):
         TrainConfig(method="adapter")
+
+
+def test_yaml_values_are_read_as_users_write_them_and_a_wrong_one_names_file_and_key(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 5e-3` as the string '5e-3': the README writes every lr that way."""
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 5e-3\nblc_weight: 1E-1\nepochs: 2\nmax_steps: 3\ndata: [{path: a.jsonl, weight: 5e-1}]\n")
+    cfg = TrainConfig.from_yaml(config)
+    assert (cfg.lr, cfg.blc_weight, cfg.epochs, cfg.max_steps, cfg.data[0]["weight"]) == (5e-3, 0.1, 2, 3, 0.5)
+    assert TrainConfig.from_yaml(REPO / "examples" / "train_tiny.yaml").lr == 5e-3  # the shipped example writes so
+    for text, message in [
+        ("lr: fast\n", f"{config}: lr: 'fast' is a string (expected a number such as 5e-3)"),
+        ('max_steps: "2"\n', f"{config}: max_steps: '2' is a string (expected an integer or null; write it without quotes)"),
+        ("lr: -1e-3\n", f"{config}: lr: -0.001 is invalid (expected a finite number > 0)"),
+        ("bf16: 1\n", f"{config}: bf16: 1 is invalid (expected true or false)"),
+        ("target_modules: up_proj\n", f"{config}: target_modules: 'up_proj' is a string (expected a list or null)"),
+        ("lr: [1e-3\nr: 2\n", f"{config}:2: not valid YAML (expected ',' or ']', but got ':'; expected a mapping"),
+    ]:  # fmt: skip
+        config.write_text(text)
+        with pytest.raises(ValueError) as info:
+            TrainConfig.from_yaml(config)
+        assert str(info.value).startswith(message), str(info.value)
+    config.write_text("lr: fast\n")
+    assert TrainConfig.from_yaml(config, lr=1e-3).lr == 1e-3  # a flag given over the file's value replaces it
+    with pytest.raises(ValueError, match=r"^TrainConfig\.lr=inf is invalid: expected a finite number > 0"):
+        TrainConfig(lr=float("inf"))
 
 
 def test_cli_reports_bad_data_with_file_and_line(tiny_llama_dir, tmp_path, capsys):
@@ -457,6 +487,33 @@ def test_resume_applies_a_changed_lr_from_the_resume_step(tiny_llama_dir, short_
         train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, resume=True, seed=1, r=4))
 
 
+@pytest.fixture
+def decay_spy(monkeypatch) -> list[tuple[float, float]]:
+    """(weight decay of the matrices' group, of the vectors' group) at every AdamW step that applies an lr."""
+    decays: list[tuple[float, float]] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        if self.param_groups[0]["lr"] != 0.0:
+            decays.append(tuple(g["weight_decay"] for g in self.param_groups))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return decays
+
+
+def test_resume_applies_a_changed_weight_decay_from_the_resume_step(tiny_llama_dir, short_data, tmp_path, decay_spy):
+    """Like the lr: the loaded optimizer state brings the saved weight decay; the one given now must apply from the
+    resume step on (to the matrices; vectors never decay)."""
+    out, settings = tmp_path / "wd", dict(max_steps=4, save_every=2, weight_decay=0.5)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    result = train(make_cfg(tiny_llama_dir, short_data, out, **{**settings, "weight_decay": 0.25}, resume=True))
+    assert result.resumed_from == 2
+    assert decay_spy == [(0.5,)] * 4 + [(0.25,)] * 2  # LoRAMoE trains matrices only: one (decaying) group
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[2]["event"] == "resume" and events[2]["changed"] == {"weight_decay": [0.5, 0.25]}
+
+
 def test_the_non_finite_loss_advice_followed_literally_works(tiny_llama_dir, short_data, tmp_path, lr_spy, capsys):
     """A NaN at step 5; then the same command with a lower --lr and --resume, as the message says."""
     out = tmp_path / "nan"
@@ -477,10 +534,35 @@ def test_the_non_finite_loss_advice_followed_literally_works(tiny_llama_dir, sho
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg, model=model)
     assert "Lower --lr, check the data or --bf16, then --resume" in str(info.value)
-    assert cli.main(flags + ["--lr", "1e-3", "--resume"]) == 0
-    assert lr_spy == pytest.approx([1e-2 * cosine(t, 8) for t in range(4)] + [1e-3 * cosine(t, 8) for t in range(4, 8)])
-    assert "applied from step 5: lr 0.01 -> 0.001" in capsys.readouterr().out
+    assert cli.main(flags + ["--lr", "1e-3", "--resume"]) == 0  # from checkpoint-2 (step 5 rejected checkpoint-4)
+    assert lr_spy == pytest.approx([1e-2 * cosine(t, 8) for t in range(4)] + [1e-3 * cosine(t, 8) for t in range(2, 8)])
+    assert "applied from step 3: lr 0.01 -> 0.001" in capsys.readouterr().out
     assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+
+
+def test_after_a_divergence_that_reaches_the_weights_the_advice_finishes(tiny_llama_dir, short_data, tmp_path, capsys):
+    """A healthy run with a checkpoint every step, then the same run resumed with --lr 1e10: one step of that
+    wrecks the weights (its own loss, computed before the update, is still fine) and a later loss is NaN. The
+    checkpoint named known good must hold weights that were seen to give an in-line loss, not the wrecked ones
+    written after that step: the advised command (the same, with a lower --lr, and --resume) then finishes."""
+    out = tmp_path / "diverged"
+    flags = ["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out), "--num-experts",
+             "4", "--r", "2", "--lora-dropout", "0", "--max-seq-len", "64", "--batch-size", "4", "--warmup-ratio", "0",
+             "--seed", "0", "--save-every", "1", "--max-steps", "12", "--no-progress"]  # fmt: skip
+    assert cli.main([*flags, "--max-steps", "6", "--lr", "1e-2"]) == 0
+    healthy = max(t.abs().max().item() for t in adapter_tensors(out).values())
+    capsys.readouterr()
+    assert cli.main([*flags, "--lr", "1e10", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "Lower --lr, check the data or --bf16, then --resume" in err
+    named = Path(re.search(r"last known-good checkpoint: (\S+) ", err).group(1))
+    weights = load_file(str(named / "trainable.safetensors"))
+    assert max(t.abs().max().item() for t in weights.values()) < 10 * healthy  # not the wrecked weights
+    assert cli.main([*flags, "--lr", "1e-2", "--resume"]) == 0, capsys.readouterr().err
+    assert f"resumed from {named} " in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in steps if "lm_loss" in x][-1] == 12
 
 
 def _parse(argv: list[str]):
@@ -491,9 +573,10 @@ def _parse(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def test_a_checkpoint_written_after_the_loss_jumped_is_not_known_good(tiny_llama_dir, short_data, tmp_path):
-    """Steps 7 and 8 have a finite loss x1000 (weights may already be going astray), step 9 a NaN: the run names
-    checkpoint-6 (not -8) as known good, keeps it despite keep_last=1, and --resume continues from it."""
+def test_a_checkpoint_whose_weights_gave_a_jumped_loss_is_not_known_good(tiny_llama_dir, short_data, tmp_path):
+    """Steps 7 and 8 have a finite loss x1000, step 9 a NaN. Step 7 ran with checkpoint-6's weights, step 9 with
+    checkpoint-8's: neither is known good. The run names checkpoint-4 (step 5 was in line), keeps it despite
+    keep_last=1, and --resume continues from it."""
     out = tmp_path / "jump"
     model = load_base_model(str(tiny_llama_dir))
     calls = []
@@ -508,14 +591,17 @@ def test_a_checkpoint_written_after_the_loss_jumped_is_not_known_good(tiny_llama
 
     model.register_forward_hook(poison)
     settings = dict(max_steps=12, save_every=2, keep_last=1)
-    with pytest.raises(NonFiniteLossError, match=r"step 9.*last known-good checkpoint: \S*checkpoint-6 "):
+    with pytest.raises(NonFiniteLossError, match=r"step 9.*last known-good checkpoint: \S*checkpoint-4 "):
         train(make_cfg(tiny_llama_dir, short_data, out, **settings), model=model)
-    assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-6", "checkpoint-8"]
-    assert [json.loads((d / "trainer_state.json").read_text())["known_good"] for d in checkpoint_dirs(out)] == [True, False]
+    assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-4", "checkpoint-8"]
+    confirmed = [json.loads((d / "confirmed.json").read_text()) if (d / "confirmed.json").exists() else None
+                 for d in checkpoint_dirs(out)]  # fmt: skip
+    assert [c and c["step"] for c in confirmed] == [5, None]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x.get("unstable")] == [7, 8]
+    assert confirmed[0]["lm_loss"] == next(x["lm_loss"] for x in lines if x.get("step") == 5)
     result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
-    assert result.resumed_from == 6
+    assert result.resumed_from == 4
     assert (out / "checkpoints" / "set-aside" / "checkpoint-8.unstable" / "trainable.safetensors").is_file()
 
 
@@ -539,6 +625,63 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_intact_one(tiny_lla
     assert "falling back to the next older one" in printed
     assert (out / "checkpoints" / "set-aside" / "checkpoint-4.corrupt").is_dir()
     assert max_diff(adapter_tensors(out), finished) <= 1e-6  # step 2 onwards is the same run again
+
+
+def test_a_checkpoint_set_aside_twice_under_the_same_name_falls_back_again(tiny_llama_dir, short_data, tmp_path, capsys):
+    """Corrupt checkpoint-4, resume (it goes to set-aside/checkpoint-4.corrupt), train past step 4 again (a new
+    checkpoint-4), corrupt that one too and resume again: it is set aside under the same name, replacing the
+    first, and the run falls back to checkpoint-2 again."""
+    out, settings = tmp_path / "twice", dict(max_steps=5, save_every=2, keep_last=2)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    finished = adapter_tensors(out)
+    set_aside = out / "checkpoints" / "set-aside" / "checkpoint-4.corrupt"
+    for attempt in range(2):
+        weights = out / "checkpoints" / "checkpoint-4" / "trainable.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100] + bytes([attempt]) * (weights.stat().st_size - 100))
+        corrupt = weights.read_bytes()
+        result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
+        assert result.resumed_from == 2, attempt
+        assert (set_aside / "trainable.safetensors").read_bytes() == corrupt  # the latest one set aside
+        assert [d.name for d in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-4"]
+        assert max_diff(adapter_tensors(out), finished) <= 1e-6
+    assert sorted(p.name for p in set_aside.parent.iterdir()) == ["checkpoint-4.corrupt"]
+
+
+def test_a_checkpoint_written_by_an_older_version_resumes_and_says_what_it_cannot_check(tiny_llama_dir, short_data,
+                                                                                         tmp_path, capsys):  # fmt: skip
+    """trainer_state.json as the first loramoe wrote it: no config, stability record or known-good flag, and
+    invariants without those added since. It resumes to the same weights (no KeyError), naming what it could not
+    check."""
+    from loramoe.checkpoint import write_checksums
+
+    out, settings = tmp_path / "old", dict(max_steps=4, save_every=2)
+    train(make_cfg(tiny_llama_dir, short_data, out, **settings))
+    finished = adapter_tensors(out)
+    (checkpoint,) = checkpoint_dirs(out)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    first = ("method", "data", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "knowledge_experts",
+             "target_modules", "global_micro_batch")  # the invariants of the first version (f92a310)
+    old = {"step": 2, "total_steps": 4, "tokens_seen": state["tokens_seen"],
+           "invariants": {k: state["invariants"][k] for k in first}}  # fmt: skip
+    (checkpoint / "trainer_state.json").write_text(json.dumps(old))
+    write_checksums(checkpoint)
+    capsys.readouterr()
+    result = train(make_cfg(tiny_llama_dir, short_data, out, **settings, resume=True))
+    assert result.resumed_from == 2 and max_diff(adapter_tensors(out), finished) <= 1e-6
+    assert (f"warning: {checkpoint} does not record bnb_compute_dtype, data_fingerprint, data_split, lora_alpha, "
+            "quantize (written by an older loramoe), so they were not checked") in capsys.readouterr().out
+
+
+def test_resuming_with_max_steps_equal_to_the_checkpoints_step_is_refused_naming_it(tiny_llama_dir, short_data,
+                                                                                     tmp_path):  # fmt: skip
+    """checkpoint-4 of a 6-step run, resumed with --max-steps 4: nothing is left to train; refused in one line (the
+    checkpoint's adapter/ holds that step). One step more resumes from it."""
+    out = tmp_path / "equal"
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=6, save_every=2))
+    with pytest.raises(ValueError, match=r"^max_steps: the run would end at step 4, but \S*checkpoint-4 is at step 4 "
+                                         r"\(expected more steps than the checkpoint's"):  # fmt: skip
+        train(make_cfg(tiny_llama_dir, short_data, out, max_steps=4, save_every=2, resume=True))
+    assert train(make_cfg(tiny_llama_dir, short_data, out, max_steps=5, save_every=2, resume=True)).resumed_from == 4
 
 
 def test_resume_on_a_finished_run_without_checkpoints_is_refused(tiny_llama_dir, short_data, tmp_path):
@@ -584,6 +727,151 @@ def test_overwrite_replaces_only_what_loramoe_wrote(tiny_llama_dir, short_data, 
         train(make_cfg(tiny_llama_dir, short_data, other, max_steps=2))
     assert (other / "README.md").read_text() == "their readme"
     assert (other / ".loramoe-staging" / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_keeps_an_evaluation_written_into_the_run_folder(tiny_llama_dir, short_data, tmp_path, capsys):
+    """`eval --out <a training run>` then `train --overwrite` there: the training run is replaced, the
+    evaluation (another command's outputs) is kept, and the run says so."""
+    out, tasks = tmp_path / "run", tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"type": "generate", "prompt": "1+1=", "answers": ["2"]}) + "\n")
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=1))
+    assert cli.main(["eval", "--base", str(tiny_llama_dir), "--adapter", str(out), "--tasks", str(tasks), "--out",
+                     str(out), "--max-new-tokens", "2", "--no-progress"]) == 0  # fmt: skip
+    evaluation = (out / "eval.json").read_text()
+    capsys.readouterr()
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=2, overwrite=True))
+    assert (out / "eval.json").read_text() == evaluation and (out / "predictions.jsonl").is_file()
+    assert "--overwrite: kept eval.json (written by loramoe eval)" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_first(tiny_llama_dir, short_data, tmp_path, capsys):
+    """Two `train` runs into one folder: the second fails before it loads anything, naming the first's pid and
+    host; the first runs on alone (each step once in metrics.jsonl)."""
+    import socket
+
+    out = tmp_path / "busy"
+    cfg = make_cfg(tiny_llama_dir, short_data, out, max_steps=4, save_every=2)
+    first = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg.to_dict()), "0.5"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stdout.read()
+        for resume in (False, True):
+            code = cli.main(["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out),
+                             "--max-steps", "4"] + (["--resume"] if resume else []))  # fmt: skip
+            err = capsys.readouterr().err
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith(f"loramoe train: error: {out}: in use by loramoe train (pid {first.pid} on "
+                                  f"{socket.gethostname()}, since ")  # fmt: skip
+        assert first.wait(timeout=300) == 0, first.stdout.read()
+    finally:
+        first.kill()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    train(make_cfg(tiny_llama_dir, short_data, out, max_steps=5, save_every=2, resume=True))  # released at its end
+
+
+def test_the_logged_lr_is_the_one_each_step_applied(tiny_llama_dir, short_data, tmp_path, lr_spy):
+    out = tmp_path / "lr"
+    result = train(make_cfg(tiny_llama_dir, short_data, out, max_steps=4, lr=1e-2))
+    logged = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lr_spy == pytest.approx([1e-2 * cosine(t, 4) for t in range(4)])  # the last step's is not 0
+    assert logged == lr_spy and result.metrics["lr"] == lr_spy[-1]
+    assert json.loads((out / "train_result.json").read_text())["metrics"]["lr"] == lr_spy[-1]
+
+
+def test_a_step_larger_than_the_data_is_refused_for_epochs_and_warned_for_steps(tiny_llama_dir, short_data, tmp_path,
+                                                                                  capsys):  # fmt: skip
+    """16 samples, batch 40, one epoch asked: one step would be 2.5 epochs. Asked for 2 steps: trained, warned."""
+    with pytest.raises(ValueError, match=r"^batch_size: 40 samples a step .* from 16 training samples: each step sees "
+                                         r"every sample about 2.5 times, so the run would be 2.5 epochs, not the 1 "
+                                         r"asked for"):  # fmt: skip
+        train(make_cfg(tiny_llama_dir, short_data, tmp_path / "epochs", batch_size=40, max_steps=None, epochs=1.0))
+    assert not (tmp_path / "epochs").exists()
+    result = train(make_cfg(tiny_llama_dir, short_data, tmp_path / "steps", batch_size=40, max_steps=2))
+    assert result.steps == 2 and "warning: batch_size: 40 samples a step" in capsys.readouterr().out
+
+
+def _disk_full_at(monkeypatch, method: str, hit) -> None:
+    """Make ``Path.<method>`` (write_bytes / write_text) fail as a full disk does for the paths ``hit`` picks:
+    half the data written, then ENOSPC without a file name."""
+    original = getattr(Path, method)
+
+    def write(self, data, *args, **kwargs):
+        if not hit(self):
+            return original(self, data, *args, **kwargs)
+        original(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, method, write)
+
+
+def test_a_full_disk_names_the_file_leaves_nothing_half_written_and_resumes(tiny_llama_dir, short_data, tmp_path,
+                                                                           monkeypatch, capsys):  # fmt: skip
+    """ENOSPC (simulated at Python's writes; `test_a_real_full_disk_...` uses a real one) while checkpoint-3 is
+    written, then while --resume rewrites metrics.jsonl: one line naming the file, exit 1, no half-written
+    checkpoint and no .tmp left; with space again the resume ends where an uninterrupted run ends."""
+    settings = dict(max_steps=4, save_every=1, keep_last=5)
+    train(make_cfg(tiny_llama_dir, short_data, tmp_path / "whole", **settings))
+    out = tmp_path / "full"
+    argv = ["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out), "--num-experts",
+            "4", "--r", "2", "--lora-dropout", "0", "--max-seq-len", "64", "--batch-size", "4", "--max-steps", "4",
+            "--lr", "1e-2", "--warmup-ratio", "0", "--seed", "0", "--save-every", "1", "--keep-last", "5", "--no-progress"]
+    with monkeypatch.context() as patch:
+        _disk_full_at(patch, "write_bytes", lambda p: p.name == "optimizer.pt" and p.parent.name == ".tmp-checkpoint-3")
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' "Loading weights" bar
+    assert err == (f"loramoe train: error: {out}/checkpoints/.tmp-checkpoint-3/optimizer.pt: no space left on the "
+                   "device (free some space, then run the same command with --resume: it continues from the newest "
+                   "checkpoint)")  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    with monkeypatch.context() as patch:
+        _disk_full_at(patch, "write_text", lambda p: p.name == "metrics.jsonl.tmp")
+        assert cli.main([*argv, "--resume"]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"loramoe train: error: {out}/metrics.jsonl.tmp: no space left on the device")
+    assert not list(out.glob("*.tmp"))
+    assert cli.main([*argv, "--resume"]) == 0
+    assert max_diff(adapter_tensors(out), adapter_tensors(tmp_path / "whole")) <= 1e-6
+
+
+def test_a_real_full_disk_and_a_read_only_folder(tiny_llama_dir, short_data, tmp_path, capsys):
+    """The same on a 1 MB tmpfs (mounting one needs root: skipped elsewhere), then the folder made read-only."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:  # fmt: skip
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        out = disk / "run"
+        argv = ["train", "--model", str(tiny_llama_dir), "--data", short_data, "--output-dir", str(out), "--num-experts",
+                "4", "--r", "2", "--max-seq-len", "64", "--batch-size", "4", "--max-steps", "10", "--save-every", "1",
+                "--keep-last", "10", "--no-progress"]  # fmt: skip
+        assert cli.main(argv) == 1  # 10 checkpoints (164 kB each) do not fit
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert re.fullmatch(rf"loramoe train: error: {out}/checkpoints/\.tmp-checkpoint-\d+/\S+: no space left on the "
+                            r"device \(free some space, .*\)", err), err  # fmt: skip
+        assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+        with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as f:  # now nothing is left
+            while True:
+                f.write(b"\0" * 4096)
+        assert cli.main([*argv, "--resume"]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"loramoe train: error: {out}/") and "no space left on the device" in err, err
+        assert not list(out.glob("*.tmp"))
+        (disk / "filler").unlink()
+        for old in checkpoint_dirs(out)[:-1]:
+            shutil.rmtree(old)
+        assert cli.main([*argv, "--keep-last", "1", "--resume"]) == 0, capsys.readouterr().err
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert cli.main([*argv, "--max-steps", "12", "--resume"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (f"loramoe train: error: {out}: Read-only file system "
+                                                            "(expected a folder that can be written, for --output-dir)")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_outputs_respect_the_umask(tiny_llama_dir, short_data, tmp_path):
@@ -669,5 +957,6 @@ def test_the_reference_codes_data_trains_under_default_flags(tiny_llama_dir, ref
     assert report["files"][0]["prompt_tokens_cut"] == sum(sizes[i] - 1024 for i in too_long)
     assert f"{len(too_long)} prompts cut in the middle" in capsys.readouterr().out
     # the strict behaviour stops at the first over-long record (a JSON list written with indent 4: 6 lines each)
-    with pytest.raises(DataError, match=rf"downstream\.json:{2 + 6 * too_long[0]}: the response is truncated away"):
+    first = too_long[0]
+    with pytest.raises(DataError, match=rf"downstream\.json:{2 + 6 * first} \(record {first + 1}\): the response is truncated"):
         load_instruction_data(downstream, load_tokenizer(str(tiny_llama_dir)), max_seq_len=1024, fit_prompt=False)

@@ -31,6 +31,19 @@ def importance(weights: torch.Tensor, token_mask: torch.Tensor | None = None) ->
     return torch.einsum("mtn,mt->mn", weights, token_mask.to(weights.dtype))
 
 
+def packed_importance(weights: torch.Tensor, sample_index: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Q of a packed batch: router weights [rows, T, N] summed onto the sample each token belongs to -> [M, N]
+    (fp32). ``sample_index`` [rows, T] holds the token's sample (0..M-1), -1 on padding (left out).
+
+    A packed row holds several samples, so Q keeps one row per *sample*, never per packed row: the same Q, hence
+    the same LBC, as the padded batch of those samples without padding counted."""
+    n = weights.shape[-1]
+    index = sample_index.reshape(-1)
+    index = torch.where(index < 0, num_samples, index)  # padding goes to a spare row, dropped (no host sync)
+    q = weights.new_zeros(num_samples + 1, n, dtype=torch.float32)
+    return q.index_add_(0, index, weights.reshape(-1, n).float())[:num_samples]
+
+
 def group_coefficients(
     task_types: torch.Tensor, num_experts: int, knowledge_experts: int, delta: float, mode: str = "own_group"
 ) -> torch.Tensor:

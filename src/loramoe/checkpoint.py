@@ -10,14 +10,23 @@ settings and the step, which is what lets a resume apply changed schedule settin
   ``checksums.json`` (written last), syncs and renames it into place.
 - Verified on load: a checkpoint whose files do not match its checksums (or do not load) is *corrupt*; a resume
   warns, names it, moves it to ``checkpoints/set-aside/`` and falls back to the next older one.
-- Known good: `StabilityWatch` marks each step stable or not (rule in its docstring); a checkpoint written at a
-  stable step is known good. Rotation (``keep_last``) never deletes the newest known-good checkpoint, and after
-  a non-finite loss the run names it as the one to resume from.
+- Known good: `StabilityWatch` marks each step stable or not (rule in its docstring). A checkpoint is known good
+  only once its weights were seen to work: the step after it runs with exactly the weights it holds, and when
+  that step is stable (a finite loss and gradient norm, in line with the steps before), the run writes
+  ``confirmed.json`` into the checkpoint (outside its checksums: written later, by design). A checkpoint the next
+  step never confirmed (that step diverged, or the run stopped first; a resume from it confirms it then) is not
+  known good; one written before known-good existed (no ``known_good`` in ``trainer_state.json``) counts as
+  known good, and one written under the first rule (a ``known_good`` true or false, judged by the loss *before*
+  its step's update) keeps that verdict. Rotation (``keep_last``) never deletes the newest known-good
+  checkpoint, and after a non-finite loss the run names it as the one to resume from.
+- A write that fails (e.g. a full disk) removes the half-written temporary folder and raises an ``OSError``
+  naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -31,10 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import zero
 from .outputs import respect_umask, write_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKSUMS = "checksums.json"
+CONFIRMED = "confirmed.json"  # written into a checkpoint when the step after it proved its weights (see above)
 SET_ASIDE = "set-aside"
 
 
@@ -115,7 +126,9 @@ def _sha256(path: Path) -> str:
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    """The files a checkpoint's checksums cover: all but the listing itself and the later confirmation."""
+    unlisted = (CHECKSUMS, CONFIRMED, CONFIRMED + ".tmp")
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in unlisted)
 
 
 def write_checksums(root: Path) -> None:
@@ -141,6 +154,21 @@ def verify(root: Path) -> str | None:
     return f"{root / extra[0]}: not written at save time" if extra else None
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` with Python's own I/O, whose failure is an ``OSError`` naming the file (torch.save's,
+    on a full disk, is "unexpected pos 39936 vs 39824")."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def _fsync_dir(path: Path) -> None:
     for f in path.rglob("*"):
         if f.is_file():
@@ -152,7 +180,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class StabilityWatch:
-    """Marks each optimizer step *stable* or not; a checkpoint written at a stable step is *known good*.
+    """Marks each optimizer step *stable* or not; a stable step confirms the checkpoint written before it (whose
+    weights it ran with) as *known good*.
 
     Rule: a step is unstable when its LM loss or gradient norm is not finite, when its LM loss is more than
     ``LOSS_JUMP`` (2) times the median LM loss of the last ``WINDOW`` (20) stable steps, or when its gradient
@@ -198,9 +227,14 @@ def newest_known_good(output_dir: str | Path) -> Path | None:
 
 def _known_good(path: Path) -> bool:
     try:
-        return bool(read_state(path).get("known_good", True))  # checkpoints from before the rule: assumed good
+        state = read_state(path)
     except (OSError, ValueError):
         return False
+    if "known_good" not in state:  # a checkpoint from before the rule: assumed good
+        return True
+    if state["known_good"] is None:  # judged by the step after it (see the module docstring)
+        return (path / CONFIRMED).is_file()
+    return bool(state["known_good"])  # the first rule's verdict
 
 
 # ---- the checkpointer ------------------------------------------------------------------------------------------
@@ -223,32 +257,48 @@ class Checkpointer:
         final = self.root / f"{CHECKPOINT_PREFIX}{step}"
         rng_states = gather_object([_rng_state()])  # one per process, in rank order
         unwrapped = acc.unwrap_model(model)
-        weights = trainable_state(unwrapped) if self.sharded or acc.is_main_process else None
-        # keyed by parameter name, gathered to rank 0 under FSDP: loadable whatever the sharding
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim_state = get_optimizer_state_dict(model, _raw(optimizer), options=options)
+        if zero.is_engine(model):  # the same layout, from DeepSpeed's partitions
+            weights, optim_state = zero.trainable_state(model), zero.optimizer_state(model)
+        else:
+            weights = trainable_state(unwrapped) if self.sharded or acc.is_main_process else None
+            # keyed by parameter name, gathered to rank 0 under FSDP: loadable whatever the sharding
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optim_state = get_optimizer_state_dict(model, _raw(optimizer), options=options)
         if acc.is_main_process:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as safetensors_bytes
 
             tmp = self.root / f".tmp-{CHECKPOINT_PREFIX}{step}"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(optim_state, tmp / "optimizer.pt")
-            for rank, rng in enumerate(rng_states):
-                torch.save(rng, tmp / f"rng_state_{rank}.pt")
-            write_json(tmp / "trainer_state.json", state)
-            if hasattr(unwrapped, "peft_config"):  # a ready-to-load adapter, for evaluating checkpoints
-                save_model(unwrapped, tmp / "adapter", weights)
-            write_checksums(tmp)
-            respect_umask(tmp)
-            _fsync_dir(tmp)
+            try:
+                tmp.mkdir(parents=True)
+                _write(tmp / "trainable.safetensors", safetensors_bytes(weights))
+                _write(tmp / "optimizer.pt", _torch_bytes(optim_state))
+                for rank, rng in enumerate(rng_states):
+                    _write(tmp / f"rng_state_{rank}.pt", _torch_bytes(rng))
+                write_json(tmp / "trainer_state.json", state)
+                if hasattr(unwrapped, "peft_config"):  # a ready-to-load adapter, for evaluating checkpoints
+                    save_model(unwrapped, tmp / "adapter", weights)
+                write_checksums(tmp)
+                respect_umask(tmp)
+                _fsync_dir(tmp)
+            except BaseException:  # e.g. a full disk: the half-written folder would only take space
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if final.exists():  # a step redone after a resume from an older checkpoint
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._rotate()
         acc.wait_for_everyone()
         return final
+
+    def confirm(self, path: Path, evidence: dict[str, Any]) -> None:
+        """Mark checkpoint ``path`` known good: the step after it (``evidence``: its step, loss and gradient
+        norm) was stable with the weights it holds. Checkpoints written under an earlier rule keep their verdict."""
+        if not (self.acc.is_main_process and path.is_dir()) or (path / CONFIRMED).is_file():
+            return
+        if read_state(path).get("known_good", True) is None:
+            write_json(path / CONFIRMED, evidence)
+            self._rotate()
 
     def _rotate(self) -> None:
         dirs = checkpoint_dirs(self.root.parent)
@@ -270,7 +320,7 @@ class Checkpointer:
             set_aside = [(p, "unstable") for p in candidates if checkpoint_step(p) > upto]
             candidates = [p for p in candidates if checkpoint_step(p) <= upto]
             for path, _ in set_aside:
-                acc.print(f"resume: skipping {path}: written after the loss or gradient norm jumped")
+                acc.print(f"resume: skipping {path}: written after the last known-good checkpoint the run named")
         found = None
         for path in candidates:
             problem = verify(path)
@@ -316,15 +366,20 @@ class Checkpointer:
         optim_state = torch.load(path / "optimizer.pt", weights_only=True)
         rng_file = path / f"rng_state_{acc.process_index}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                param = params[name]
-                if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this rank's slice
-                    from torch.distributed.tensor import distribute_tensor
+        if zero.is_engine(model):
+            zero.load_state(model, weights, optim_state)
+        else:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    param = params[name]
+                    if hasattr(param, "device_mesh"):  # an FSDP2 shard: keep this rank's slice
+                        from torch.distributed.tensor import distribute_tensor
 
-                    tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
-                param.copy_(tensor)
-        set_optimizer_state_dict(model, _raw(optimizer), optim_state, options=StateDictOptions(full_state_dict=True))
+                        tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+                    param.copy_(tensor)
+            # checkpoints written before the empty optimizer group was dropped (see engines.optimizer_groups)
+            optim_state["param_groups"] = [g for g in optim_state["param_groups"] if g["params"]]
+            set_optimizer_state_dict(model, _raw(optimizer), optim_state, options=StateDictOptions(full_state_dict=True))
         if rng is not None:
             _set_rng_state(rng)
         else:

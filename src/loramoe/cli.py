@@ -10,10 +10,12 @@ Failures are one line on stderr, for every command (a new entry in `COMMANDS` ge
 - exit 2, bad input: a command-line error (argparse), or an exception of the types in `BAD_INPUT`:
   ``ValueError`` and its subclasses (``loramoe.data.DataError``, ``loramoe.evaluate.TaskFileError``, ...),
   ``FileNotFoundError``, ``FileExistsError``, ``NotADirectoryError``, ``IsADirectoryError``,
-  ``PermissionError``. Code that rejects input raises one of these, with a message that *starts with the
+  ``PermissionError``, or an ``OSError`` "read-only file system" (an output folder that cannot be written).
+  Code that rejects input raises one of these, with a message that *starts with the
   path or key* at fault and says what was expected; the wrapper adds only the ``loramoe <command>: error:``
   prefix (an OS error raised by Python itself is shown as ``<filename>: <reason>``).
-- exit 1, a run that stopped for a reason it states: ``loramoe.errors.RunStopped`` (e.g. a non-finite loss).
+- exit 1, a run that stopped for a reason it states: ``loramoe.errors.RunStopped`` (e.g. a non-finite loss),
+  or a full disk (`loramoe.errors.out_of_space`).
 - exit 1, anything else: a bug; the line names the exception type and asks for ``--debug``.
 - exit 130: interrupted (Ctrl-C).
 
@@ -25,6 +27,7 @@ instead (the exception is re-raised), and first what third-party libraries print
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -39,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "routes": ("loramoe.routing", "mean router weight per expert group, dataset and layer of a LoRAMoE model (JSON + PNG)"),
     "reproduce": ("loramoe.reproduce.cli", "the paper's experiment in miniature: forgetting under SFT, LoRAMoE's cure"),
     "lm-eval": ("loramoe.lm_eval", "lm-evaluation-harness with LoRAMoE registered; make-task: task files as lm-eval tasks"),
+    "serve": ("loramoe.vllm.serve", "serve a base model + LoRAMoE adapter with vLLM's OpenAI-compatible server"),
 }
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -110,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        from .errors import RunStopped
+        from .errors import RunStopped, out_of_space
 
-        if isinstance(e, BAD_INPUT):
+        if isinstance(e, BAD_INPUT) or (isinstance(e, OSError) and e.errno == errno.EROFS):
             print(f"{prog}: error: {describe(e)}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if isinstance(e, RunStopped):
+        if isinstance(e, RunStopped) or out_of_space(e):
             print(f"{prog}: error: {describe(e)}", file=sys.stderr)
             return EXIT_FAILED
         print(f"{prog}: error: internal error ({type(e).__name__}: {describe(e)}); rerun with --debug for the "

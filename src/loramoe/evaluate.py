@@ -73,6 +73,11 @@ def _parse_record(record: Any, where: str, default_task: str) -> EvalSample:
 
     if not isinstance(record, dict):
         raise fail(f"expected a JSON object, got {type(record).__name__}")
+    try:  # a lone UTF-16 surrogate ("\\ud800" without its pair) is no character: no tokenizer takes it
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise fail(f"holds {e.object[e.start]!r}, a lone UTF-16 surrogate, not text (expected a character, or a "
+                   "surrogate pair such as \\ud83d\\ude00)") from None
     kind = record.get("type")
     if kind not in _REQUIRED:
         raise fail(f"unknown task type {kind!r}; expected 'generate' or 'choice' in the 'type' field")
@@ -520,12 +525,13 @@ def load_for_cli(args) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     return model, load_tokenizer(args.tokenizer or args.base)
 
 
-def claim_out(args, names: tuple[str, ...]):
-    """The ``--out`` folder of `eval` / `routes`, checked (see `loramoe.outputs`): never the base model's folder."""
+def claim_out(args, names: tuple[str, ...], command: str):
+    """The ``--out`` folder of `eval` / `routes` (``command``), checked (see `loramoe.outputs`): never the base
+    model's folder."""
     from .loading import model_folder
     from .outputs import OutputDir
 
-    return OutputDir(args.out, "--out", {"--base": model_folder(args.base)}).claim(names)
+    return OutputDir(args.out, "--out", {"--base": model_folder(args.base)}, owner=command).claim(names)
 
 
 EVAL_FILES = ("eval.json", "eval.md", "predictions.jsonl")
@@ -534,7 +540,7 @@ EVAL_FILES = ("eval.json", "eval.md", "predictions.jsonl")
 def run(args) -> int:
     stop = ["\n"] if args.stop is None else [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     samples = load_tasks(args.tasks, limit=args.limit, split=args.data_split)
-    out = claim_out(args, EVAL_FILES)
+    out = claim_out(args, EVAL_FILES, "eval")
     model, tokenizer = load_for_cli(args)
     report = evaluate(model, tokenizer, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       stop=stop, progress=not args.no_progress)

@@ -137,7 +137,7 @@ def import_official(src_dir: str | Path, dst_dir: str | Path, overwrite: bool = 
     if not src.is_dir():
         raise (NotADirectoryError if src.exists() else FileNotFoundError)(
             f"{src}: not a folder (expected the reference adapter's folder: adapter_config.json + adapter_model.bin)")
-    out = OutputDir(dst, "DST", {"SRC": src})
+    out = OutputDir(dst, "DST", {"SRC": src}, owner="import-official")
     config = reference_config(src)
     weights = convert_reference_state_dict(_read_reference_weights(src), config.num_experts, config.modules_to_save)
     if out.owned() and not overwrite:

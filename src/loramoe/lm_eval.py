@@ -99,15 +99,16 @@ def make_tasks(
         from .loading import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
+    records = {name: "".join(json.dumps(_doc(s, tok)) + "\n" for s in by_task[task]) for name, task in names.items()}
     entries = [f"{name}{suffix}" for name in names for suffix in (".yaml", ".jsonl")]
-    folder = OutputDir(out_dir, "--out").claim(entries).create()  # only its own files are replaced (loramoe.outputs)
+    folder = OutputDir(out_dir, "--out", owner="lm-eval").claim(entries).create()  # only its own files are replaced (loramoe.outputs)
     folder.record(entries)
     out = folder.path
     written: dict[str, Path] = {}
     for name, task in names.items():
         group = by_task[task]
         config, data = out / f"{name}.yaml", out / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(_doc(s, tok)) + "\n" for s in group), encoding="utf-8")
+        data.write_text(records[name], encoding="utf-8")
         template = Template((TEMPLATES / f"_{group[0].type}_template_yaml").read_text(encoding="utf-8"))
         sources = sorted({s.source.rsplit(":", 1)[0] for s in group})
         config.write_text(template.substitute(

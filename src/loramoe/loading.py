@@ -78,7 +78,9 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, quant
     ``quantization_config`` so that it behaves, trains and saves like any Hugging Face model.
 
     ``quantize`` (nf4 | fp4 | int8) loads the linears quantized with bitsandbytes, on ``device`` (default: CPU),
-    the 4-bit ones computing in ``bnb_compute_dtype`` (default: ``dtype``); see `loramoe.quantization`."""
+    the 4-bit ones computing in ``bnb_compute_dtype`` (default: ``dtype``); see `loramoe.quantization`.
+    ``bnb_compute_dtype`` without a 4-bit ``quantize`` is refused: it would not be applied."""
+    quantization.check_options(quantize, bnb_compute_dtype)
     path = local_model_path(name_or_path)
     if path.suffix == ".gguf":
         loaded = _loads(path, "model", lambda: AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .balance import importance, localized_balancing_loss
+from .balance import importance, localized_balancing_loss, packed_importance
 from .config import DEFAULT_TARGET_MODULES, LoraMoeConfig
 from .layer import Linear, LoraMoeLayer
 from .quantization import check_base_layer, keep_weights_unpacked
@@ -73,10 +75,26 @@ class RoutingRecord:
         return totals
 
 
+@functools.cache
+def _with_lbc_fields(output_type: type) -> type:
+    """A transformers ``ModelOutput`` class with ``lm_loss`` and ``blc_loss`` fields. A key that is not a field
+    breaks the output's rebuild from its pytree, which DDP does with ``find_unused_parameters`` (transformers'
+    Trainer turns that on for a PEFT model)."""
+    fields = [("lm_loss", torch.Tensor | None, None), ("blc_loss", torch.Tensor | None, None)]
+    return dataclasses.make_dataclass(f"LoraMoe{output_type.__name__}", fields, bases=(output_type,))
+
+
 class LoraMoeModel(BaseTuner):
     """Adds LoRAMoE experts to the target linears of a model. Built by ``peft.get_peft_model`` after
     ``import loramoe``; its ``forward`` additionally takes ``task_types`` (LongTensor [batch]: 1 knowledge,
-    0 downstream, -1 untyped) and then adds ``beta * sum_modules L_lbc`` to the loss.
+    0 downstream, -1 untyped) and then adds ``beta * sum_modules L_lbc`` to the loss. A packed batch
+    (`loramoe.packing`) also gives ``sample_index`` [rows, T] (the sample of each token, -1 on padding); then
+    ``task_types`` has one entry per sample and the LBC is computed per sample, not per row.
+
+    That is the objective of one batch. Over an optimizer step of several micro-batches (accumulation, processes)
+    the LBC counts as the mean of the micro-batches' LBC (SPEC "The LBC at scale"): `loramoe train` averages the
+    returned losses and gets it as it is; transformers' Trainer sums them, so it needs
+    `loramoe.trainer.LoraMoeTrainer` (TRL: `loramoe.trl.LoraMoeSFTTrainer`).
     """
 
     prefix: str = "loramoe_"
@@ -137,14 +155,23 @@ class LoraMoeModel(BaseTuner):
             if isinstance(module, LoraMoeLayer):
                 yield name, module
 
-    def forward(self, *args: Any, task_types: torch.Tensor | None = None, **kwargs: Any):
+    def forward(self, *args: Any, task_types: torch.Tensor | None = None, sample_index: torch.Tensor | None = None,
+                **kwargs: Any):
         config: LoraMoeConfig = self.peft_config[self.active_adapters[0]]
+        if sample_index is not None:  # transformers reads packed samples from position_ids only without a KV cache
+            if kwargs.get("use_cache"):
+                raise ValueError("use_cache: True with a packed batch (expected False: with a cache transformers "
+                                 "ignores the sample boundaries in position_ids and attention crosses samples)")  # fmt: skip
+            kwargs["use_cache"] = False
         layers = list(self.loramoe_layers()) if task_types is not None else []  # one walk of the module tree
         use_lbc = any(not layer.disable_adapters for _, layer in layers)
         layers = layers if use_lbc else []
         sinks: list[list[torch.Tensor]] = []
         if use_lbc:
-            task_types = self._check_task_types(task_types, args, kwargs)
+            task_types = self._check_task_types(task_types, args, kwargs, sample_index)
+            if sample_index is not None and config.blc_count_padding:
+                raise ValueError("blc_count_padding: True with a packed batch (expected False: the reference formula "
+                                 "counts each sample's padding positions, which a packed row does not have)")  # fmt: skip
             for _, layer in layers:
                 layer._blc_sink = []
                 sinks.append(layer._blc_sink)
@@ -164,15 +191,32 @@ class LoraMoeModel(BaseTuner):
         for (_, layer), weights in zip(layers, sinks):
             for w in weights:  # one per call of the layer (normally exactly one)
                 self._check_grad_reaches_router(w, layer)
-                q = importance(w, mask if mask is not None and mask.shape == w.shape[:2] else None)
+                if sample_index is not None:
+                    q = packed_importance(w, sample_index, task_types.shape[0])
+                else:
+                    q = importance(w, mask if mask is not None and mask.shape == w.shape[:2] else None)
                 terms.append(localized_balancing_loss(q, task_types, config.knowledge_experts, config.blc_alpha, config.blc_mode))
         blc = torch.stack(terms).sum() if terms else torch.zeros(())
         lm_loss = out.get("loss") if hasattr(out, "get") else None
+        if dataclasses.is_dataclass(out):
+            out = _with_lbc_fields(type(out))(**out)
         out["blc_loss"] = blc
         if lm_loss is not None:
             out["lm_loss"] = lm_loss
-            out["loss"] = lm_loss + config.blc_weight * blc.to(lm_loss.device)
+            if not getattr(self, "_lbc_outside_loss", False):
+                out["loss"] = lm_loss + config.blc_weight * blc.to(lm_loss.device)
         return out
+
+    @contextlib.contextmanager
+    def lbc_outside_loss(self) -> Iterator[None]:
+        """Inside the block ``loss`` is the LM loss alone (``blc_loss`` is still returned), for a trainer that
+        weighs the LBC itself: `loramoe.trainer.LoraMoeLossMixin` (transformers scales the returned loss for
+        its own LM normalisation, which would scale the LBC with it)."""
+        self._lbc_outside_loss = True
+        try:
+            yield
+        finally:
+            self._lbc_outside_loss = False
 
     @staticmethod
     def _mask_for(kwargs: dict, detach: bool = False) -> torch.Tensor | None:
@@ -182,14 +226,21 @@ class LoraMoeModel(BaseTuner):
         return mask.detach().cpu() if detach else mask
 
     @staticmethod
-    def _check_task_types(task_types: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _check_task_types(task_types: Any, args: tuple, kwargs: dict, sample_index: torch.Tensor | None = None) -> torch.Tensor:
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
             ref = kwargs.get("inputs_embeds")
         task_types = torch.as_tensor(task_types)
         if task_types.dim() != 1 or task_types.dtype.is_floating_point:
             raise ValueError(f"task_types must be an integer tensor of shape [batch], got {tuple(task_types.shape)} {task_types.dtype}.")
-        if ref is not None and task_types.shape[0] != ref.shape[0]:
+        if sample_index is not None:
+            if ref is not None and tuple(sample_index.shape) != tuple(ref.shape[:2]):
+                raise ValueError(f"sample_index has shape {tuple(sample_index.shape)} but the batch is {tuple(ref.shape[:2])} "
+                                 "(expected one sample index per token)")  # fmt: skip
+            if sample_index.numel() and (sample_index.min() < -1 or sample_index.max() >= task_types.shape[0]):
+                raise ValueError(f"sample_index holds values outside -1..{task_types.shape[0] - 1} (expected the "
+                                 f"sample of each token, -1 on padding, for {task_types.shape[0]} task_types)")  # fmt: skip
+        elif ref is not None and task_types.shape[0] != ref.shape[0]:
             raise ValueError(f"task_types has {task_types.shape[0]} entries but the batch has {ref.shape[0]} samples.")
         bad = ~torch.isin(task_types, torch.tensor([-1, 0, 1], device=task_types.device))
         if bad.any():

@@ -209,6 +209,14 @@ def configure_parser(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _peft_type(adapter: Path) -> str | None:
+    """The ``peft_type`` an adapter folder declares (``None``: none readable; loading it then says what is wrong)."""
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 ROUTING_FILES = ("routing.json", "routing.md", "routing_heatmap.png", "routing_bars.png")
 
 
@@ -216,7 +224,11 @@ def run(args) -> int:
     from .evaluate import claim_out, load_for_cli
 
     samples = load_tasks(args.tasks, limit=args.limit, split=args.data_split)
-    out = claim_out(args, ROUTING_FILES)
+    out = claim_out(args, ROUTING_FILES, "routes")
+    kind = _peft_type(Path(args.adapter))
+    if kind not in (None, "LORAMOE"):
+        raise ValueError(f"{args.adapter}: a {kind} adapter, which has no router to profile (expected a LoRAMoE "
+                         "adapter, e.g. one trained with loramoe train --method loramoe)")  # fmt: skip
     model, tokenizer = load_for_cli(args)
     profile = routing_profile(model, tokenizer, samples, batch_size=args.batch_size,
                               include_answer=args.include_answer, progress=not args.no_progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..quantization import add_cli_options as add_quantize_options
@@ -12,9 +13,17 @@ from .presets import PRESETS, TINY_BASE, smollm2_preset, tiny_preset
 from .report import summarise, to_markdown, write_report
 from .sweep import SWEEPS, run_sweep
 
+
 # Preset fields a user may override from the command line (the rest is the preset's design).
+def _lr(text: str) -> float:
+    lr = float(text)  # a ValueError is argparse's "invalid _lr value"
+    if not (math.isfinite(lr) and lr > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite learning rate > 0")
+    return lr
+
+
 OVERRIDES = {"downstream_per_family": int, "test_per_family": int, "valid_per_family": int, "epochs": float,
-             "batch_size": int, "lr_full": float, "lr_adapter": float, "decisive_seeds": int, "num_experts": int,
+             "batch_size": int, "lr_full": _lr, "lr_adapter": _lr, "decisive_seeds": int, "num_experts": int,
              "r": int, "lora_alpha": float, "lbc_beta": float, "lbc_delta": float, "threads": int}  # fmt: skip
 
 
@@ -28,8 +37,8 @@ def _lr_grid_entry(text: str) -> tuple[str, tuple[float, ...]]:
         lrs = tuple(sorted({float(v) for v in values.split(",")}))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: learning rates must be numbers, e.g. sft=1e-5,3e-5") from None
-    if not lrs or any(not lr > 0 for lr in lrs):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected learning rates > 0")
+    if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected finite learning rates > 0")
     return method, lrs
 
 
@@ -116,12 +125,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def lr_grid(grid: dict[str, tuple[float, ...]], args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
-    """The preset's grid, where --lr-full / --lr-adapter replace it by one lr and --lr-grid entries replace it."""
+    """The preset's grid, where --lr-full / --lr-adapter replace it by one lr and --lr-grid entries replace it
+    (a method given twice, ``sft=1e-3 sft=2e-3``, trains at both, like ``sft=1e-3,2e-3``)."""
     grid = dict(grid)
     if args.lr_full is not None:
         grid.pop("sft", None)
     if args.lr_adapter is not None:
         for method in ADAPTER_METHODS:
             grid.pop(method, None)
-    grid.update(dict(args.lr_grid or []))
+    given: dict[str, tuple[float, ...]] = {}
+    for method, lrs in args.lr_grid or []:
+        given[method] = tuple(sorted({*given.get(method, ()), *lrs}))
+    grid.update(given)
     return grid

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from ..errors import RunStopped
 from ..evaluate import EvalSample, evaluate, load_tasks, normalize_answer
+from ..quantization import check_options as check_quantization
 from ..routing import routing_profile
-from ..train import TrainConfig, train
+from ..train import NonFiniteLossError, TrainConfig, train
 from .divergence import next_token_kl
 from .knowledge import answer_logprobs, load_probe
 from .mastery import MASTERY_ARMS, split_known
@@ -96,6 +98,9 @@ class Preset:
     decisive_at: str = "largest"  # "largest": the decisive seeds at the largest scale only; "every": at every scale
     quantize: str | None = None  # nf4 | fp4 | int8: every method's base quantized (bitsandbytes); no full SFT then
     bnb_compute_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        check_quantization(self.quantize, self.bnb_compute_dtype)  # refused now, not at the first adapter run
 
     def lrs(self, method: str) -> tuple[float, ...]:
         """The learning rates ``method`` trains at."""
@@ -356,7 +361,13 @@ def train_and_measure(cfg: TrainConfig, base: Any, tokenizer: Any, score: Callab
     """Fine-tune a copy of ``base`` with ``cfg`` and measure it: scores, size, time, final loss, ``cfg``'s
     fingerprint (what a rerun matches against) and, given ``route_on``, the knowledge-expert share per dataset.
     Returns (that record, the routing profile or None)."""
-    result = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
+    try:
+        result = train(cfg, model=copy.deepcopy(base), tokenizer=tokenizer)
+    except NonFiniteLossError as e:  # train's advice (--resume) is for `loramoe train`; a study reruns the run
+        option = "--lr-full" if cfg.method == "full" else "--lr-adapter"
+        raise RunStopped(f"{cfg.output_dir}: non-finite loss at step {e.step} (lr {cfg.lr:g}); lower the lr ({option}, "
+                         "or --lr-grid in a comparison) and run the same command again: the runs that finished are "
+                         "reused") from None  # fmt: skip
     record = {**score(result.model), "trainable_params": result.trainable_params,
               "train_seconds": result.train_seconds, "steps": result.steps,
               "final_lm_loss": result.metrics.get("lm_loss"), "train_config": fingerprint(cfg)}  # fmt: skip
@@ -398,7 +409,7 @@ def open_out(out: Path, names: tuple[str, ...], preset: Preset) -> None:
     from ..loading import model_folder
     from ..outputs import OutputDir
 
-    folder = OutputDir(out, "--out", {"the base model": model_folder(preset.model_ref)}).claim(names).create()
+    folder = OutputDir(out, "--out", {"the base model": model_folder(preset.model_ref)}, owner="reproduce").claim(names).create()
     folder.record(names)
 
 

@@ -31,10 +31,12 @@ def _rounded(p: Point) -> Point:
 
 
 def pareto_frontier(points: Sequence[Point]) -> list[Point]:
-    """The points no other point beats on both skill and knowledge, by rising skill (so falling knowledge).
+    """The points that no other point dominates (as good on skill and knowledge, better on one), by rising skill
+    (so strictly falling knowledge).
 
-    Ties: of equal points one is kept; a point with equal skill and less knowledge is dominated. Values are
-    compared to 9 decimals: scores are means of counts, and 0.38 averaged over three seeds is 0.37999999999999995.
+    Ties: of equal points one is kept; a point with equal skill and less knowledge, or equal knowledge and less
+    skill, is dominated (its method reached that knowledge with more skill elsewhere). Values are compared to 9
+    decimals: scores are means of counts, and 0.38 averaged over three seeds is 0.37999999999999995.
     """
     best: list[Point] = []
     for p in sorted({_rounded(q) for q in points}, key=lambda q: (-q.downstream, -q.knowledge)):  # most skill first
