@@ -672,7 +672,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
         def check(path: Path, state: dict[str, Any]) -> None:
             saved = state.setdefault("invariants", {})
-            if not str(saved.get("data_fingerprint", FINGERPRINT_VERSION)).startswith(f"{FINGERPRINT_VERSION}:"):
+            if not str(saved.get("data_fingerprint", f"{FINGERPRINT_VERSION}:")).startswith(f"{FINGERPRINT_VERSION}:"):
                 del saved["data_fingerprint"]  # hashed otherwise before the token cache: not comparable, unrecorded
             changed = {k: (saved[k], v) for k, v in invariants.items() if k in saved and saved[k] != v}
             if changed:
