@@ -50,6 +50,12 @@ def batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """`loramoe train` keeps its token cache in ``$LORAMOE_CACHE``: a folder of this session, never the user's."""
+    os.environ["LORAMOE_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
 class NaiveLoraMoe(torch.nn.Module):
     """SPEC.md's formula, written as plainly as possible (a Python loop over experts), as the test oracle:
     y = W0 x + b + (alpha / r) * sum_i softmax(W_g x)_i * B_i A_i x."""

@@ -164,6 +164,14 @@ CASES: dict[str, list[tuple[str, list[str], str]]] = {
          "--knowledge-test: not used by --sweep"),
         ("someone's folder", ["--out", "{root}/theirs"], "{root}/theirs: holds files loramoe did not write"),
     ],
+    "serve": [
+        ("missing base", ["--base", "{root}/nowhere", "--adapter", "{root}/ref"], "{root}/nowhere: not found"),
+        ("adapter without weights", ["--base", "{model}", "--adapter", "{root}/adapter"],
+         "{root}/adapter: no adapter_model.safetensors"),
+        ("reference adapter not imported", ["--base", "{model}", "--adapter", "{root}/ref"],
+         "{root}/ref/adapter_model.safetensors: not found"),
+        ("no --adapter", ["--base", "{model}"], "the following arguments are required: --adapter"),
+    ],
     "lm-eval": [
         ("missing task file", ["make-task", "{root}/no.jsonl", "--out", "{root}/lm"], "{root}/no.jsonl: not found"),
         ("someone's folder", ["make-task", "{tasks}", "--out", "{root}/theirs"], "{root}/theirs: holds files loramoe did not write"),

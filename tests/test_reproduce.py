@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -133,7 +134,8 @@ def test_test_facts_never_reach_the_fine_tuning_data(toy_base, tmp_path):
     assert not [p for p in held_out if p in train_text]
     assert all(p in train_text for p in world.splits["train"])
     test, valid = load_tasks(data.test_files), load_tasks(data.valid_files)
-    assert {s.task for s in test} == {"world_knowledge", "world_knowledge_in_format", *tasks.FAMILIES}
+    assert {s.task for s in test} == {"world_knowledge", "world_knowledge_in_format", "knowledge_out_of_pool",
+                                      *tasks.FAMILIES}  # fmt: skip
     assert {s.task for s in valid} == {"world_knowledge_valid", *(f + "_valid" for f in tasks.FAMILIES)}
     for task in ("world_knowledge", "world_knowledge_in_format"):
         assert sum(s.task == task for s in test) == len(world.splits["test"]) * len(ATTRIBUTES)
@@ -233,7 +235,8 @@ def test_pipeline_smoke(toy_base, tmp_path, monkeypatch):
     lora, moe = saved["methods"]["lora"]["trainable_params"], saved["methods"]["loramoe"]["trainable_params"]
     assert 0.8 < lora / moe <= 1.0  # rank N*r: the same expert parameters, LoRAMoE adds the routers
     assert set(saved["routing"]["knowledge_share"]) == {"world_knowledge", "world_knowledge_in_format", "knowledge_test",
-                                                         "knowledge_test_in_format", *tasks.FAMILIES}  # fmt: skip
+                                                         "knowledge_test_in_format", "knowledge_out_of_pool",
+                                                         *tasks.FAMILIES}  # fmt: skip
     # the frontier: every (lr, scale) of each method's grid; the comparisons over the decisive seeds
     assert [(p["lr"], p["scale"]) for p in saved["frontier"]["lora"]] == [(1e-3, 1), (1e-3, 2), (2e-3, 1), (2e-3, 2)]
     assert saved["decisive"]["lr"]["lora"] in (1e-3, 2e-3) and saved["decisive"]["lr"]["sft"] == preset.lr_full
@@ -412,6 +415,7 @@ def test_smollm2_preset_at_toy_size(tmp_path):
     probe.write_text("".join(REAL_FACTS.read_text().splitlines(keepends=True)[::22]))
     preset = smollm2_preset(probe, downstream_per_family=2, test_per_family=2, valid_per_family=2, batch_size=2,
                             max_new_tokens=6, scales=(1,), threads=1, lr_grid={}, decisive_seeds=1)  # fmt: skip
+    preset = with_overrides(preset, out_of_pool=lambda full=preset.out_of_pool: full()[:4])
     plan = Plan(preset, tmp_path / "out", seeds=[0], scales=[1], methods=list(METHODS), steps=1)
     report = summarise(run_experiment(plan, log=lambda line: None))
     assert report["preset"] == "smollm2" and set(report["methods"]) == set(METHODS)
@@ -420,7 +424,11 @@ def test_smollm2_preset_at_toy_size(tmp_path):
     format_free = json.loads((tasks_dir / "world_knowledge.jsonl").read_text().splitlines()[0])["prompt"]
     assert in_format.count("<|im_start|>user") == 1 and "<|im_start|>" not in format_free
     assert format_free.count("Question: ") == 4  # three worked examples, then the question
+    out_of_pool = json.loads((tasks_dir / "knowledge_out_of_pool.jsonl").read_text().splitlines()[0])["prompt"]
+    assert out_of_pool.split("Question: ")[:4] == format_free.split("Question: ")[:4]  # the same worked examples
+    assert out_of_pool.endswith("Question: What is the SI unit of force?\nAnswer:")
     assert report["methods"]["sft"]["trainable_params"] > 100_000_000
+    assert next(p["kl"] for p in report["kl"]["points"] if p["method"] == "sft") > 1e-6  # one step moved it
 
 
 @pytest.mark.slow
@@ -509,3 +517,200 @@ def test_a_non_finite_loss_in_a_study_gives_advice_reproduce_can_follow(tiny_lla
     assert str(info.value) == (f"{tmp_path / 'run'}: non-finite loss at step 1 (lr 0.001); lower the lr (--lr-adapter, "
                                "or --lr-grid in a comparison) and run the same command again: the runs that finished "
                                "are reused")  # fmt: skip
+
+
+# ---- where forgetting starts (issue 23): mastery split, per-scale lrs, KL, out-of-pool facts -------------------
+
+
+def test_mastery_split_takes_equal_counts_of_known_and_unknown_facts_in_file_order():
+    from loramoe.reproduce.mastery import split_known
+
+    facts = list("abcdefgh")
+    answered = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]  # known: a d e g h, unknown: b c f
+    assert split_known(facts, answered) == {"known": ["a", "d", "e"], "unknown": ["b", "c", "f"]}
+    assert split_known(facts, answered) == split_known(list(facts), list(answered))  # deterministic
+    assert split_known(facts, [1.0] * 8) == {"known": [], "unknown": []}  # the base knows all: no arm
+    with pytest.raises(ValueError, match="8 samples but 7 stored base answers"):
+        split_known(facts, answered[:7])
+
+
+def test_scale_axis_mastery_and_report_only_from_stored_runs(toy_base, tmp_path, monkeypatch):
+    """--decisive-at every: each scale's grid, then its own decisive seeds, smallest scale first; the mastery arm's
+    facts come from the base's *stored* answers (edited here by hand); --report-only trains nothing and leaves out
+    a scale whose grid is not all stored."""
+    path, _, _, world = toy_base
+    preset = tiny_preset(path, downstream_per_family=2, test_per_family=2, valid_per_family=2, batch_size=4,
+                         eval_batch_size=16, max_new_tokens=4, lr_grid={"lora": (1e-3, 2e-3)}, decisive_seeds=2,
+                         decisive_at="every", families=("count", "sentiment"))  # fmt: skip
+    lines: list[str] = []
+    run_experiment(Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=["base"], steps=1), log=lines.append)
+    stored = tmp_path / "results" / "base.json"
+    base = json.loads(stored.read_text())
+    train_facts = world.facts_of("train")
+    answered = [float(i % 3 == 0) for i in range(len(train_facts))]  # every third fact "known"
+    base["per_question"][pipeline.TRAIN_FACTS] = answered
+    stored.write_text(json.dumps(base))
+    plan = Plan(preset, tmp_path, seeds=[0], scales=[1, 2], methods=["base", "lora"], steps=1, mastery_scale=2)
+    lines.clear()
+    raw = run_experiment(plan, log=lines.append)
+    started = [line.split("] ", 1)[1] for line in lines if line.startswith("[") and ": data x" in line]
+    chosen = {s: raw["decisive_by_scale"][s]["lr"]["lora"] for s in ("1", "2")}
+    assert [run.split(", 1 steps")[0] for run in started] == [  # the mastery scale first, then smallest first
+        "lora: data x2, lr 0.001, seed 0", "lora: data x2, lr 0.002, seed 0", f"lora: data x2, lr {chosen['2']:g}, seed 1",
+        *[f"lora: data x2, lr {chosen['2']:g}, seed {s}, {arm} facts only" for s in (0, 1) for arm in ("known", "unknown")],
+        "lora: data x1, lr 0.001, seed 0", "lora: data x1, lr 0.002, seed 0", f"lora: data x1, lr {chosen['1']:g}, seed 1"]  # fmt: skip
+    known = [f.question for f, c in zip(train_facts, answered) if c][: answered.count(0.0)]
+    unknown = [f.question for f, c in zip(train_facts, answered) if not c][: len(known)]
+    for arm, questions in (("known", known), ("unknown", unknown)):
+        written = [json.loads(line)["input"] for line in (tmp_path / "data" / f"knowledge_{arm}.jsonl").read_text().splitlines()]
+        assert written == questions
+    assert len(raw["mastery_runs"]) == 4 and all(r["arm"] in ("known", "unknown") for r in raw["mastery_runs"])
+    n_test = len(world.facts_of("test"))  # KL per format-free test prompt; >= 0 up to float32 rounding
+    assert all(len(r["kl_base"]) == n_test and min(r["kl_base"]) > -1e-6 for r in raw["runs"] if r["method"] == "lora")
+    report = summarise(raw)
+    assert [row["scale"] for row in report["scale_axis"]] == [1, 2]
+    assert all(row["methods"]["lora"]["seeds"] == [0, 1] for row in report["scale_axis"])
+    assert {r["arm"] for r in report["mastery"]["table"]} == {"known", "unknown"}
+    assert report["mastery"]["test_known"] + report["mastery"]["test_unknown"] == len(world.facts_of("test"))
+    paths = write_report(report, tmp_path)
+    assert paths["scaling"].is_file() and paths["kl"].is_file()
+    text = paths["markdown"].read_text()
+    assert "## The mastery arm" in text and "out-of-pool facts" in text
+
+    # report only: nothing is trained; x2 without its full grid is left out, x1 is reported from what is stored
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr(pipeline, "train", no_training)
+    (tmp_path / "results" / "lora_x2_lr0.001_seed0.json").unlink()
+    lines.clear()
+    partial = run_experiment(replace_plan(plan, train_missing=False), log=lines.append)
+    assert partial["scales"] == [1] and list(partial["decisive_by_scale"]) == ["1"]
+    assert any("lora: data x2, lr 0.001, seed 0: not stored yet" in line for line in lines)
+    assert summarise(partial)["scale_axis"][0]["methods"]["lora"]["seeds"] == [0, 1]
+
+
+def replace_plan(plan, **changes):
+    from dataclasses import replace
+
+    return replace(plan, **changes)
+
+
+def test_each_scale_reports_its_own_validated_lr():
+    """Hand-made runs: validation picks lr 1e-3 at x1 (lr 1e-2 does not reach the level there) and 1e-2 at x4
+    (more validation knowledge at the matched level); the scale axis reads each scale at its own lr, never the
+    largest scale's."""
+    def run(method, lr, scale, seed, valid_ds, valid_wk, right):
+        scores = {"a_valid": valid_ds, "world_knowledge_valid": valid_wk, "a": 0.5,
+                  "world_knowledge": sum(right) / len(right)}  # fmt: skip
+        return {"method": method, "lr": lr, "scale": scale, "seed": seed, "scores": scores,
+                "per_question": {"world_knowledge": right}}  # fmt: skip
+
+    runs = [run("base", None, None, None, 0.1, 0.9, [1, 1, 1, 1])]
+    runs += [run("sft", 1e-3, 1, 0, 0.6, 0.8, [1, 1, 0, 0]), run("sft", 1e-2, 1, 0, 0.3, 0.9, [1, 1, 1, 1]),
+             run("sft", 1e-3, 4, 0, 0.6, 0.5, [0, 0, 0, 0]), run("sft", 1e-2, 4, 0, 0.7, 0.7, [1, 1, 1, 0]),
+             run("lora", 1e-3, 1, 0, 0.5, 0.9, [1, 0, 0, 0]), run("lora", 1e-3, 4, 0, 0.6, 0.9, [1, 1, 0, 0])]  # fmt: skip
+    runs += [run("sft", 1e-3, 1, 1, 0.6, 0.8, [1, 0, 0, 0]), run("sft", 1e-2, 4, 1, 0.7, 0.7, [1, 1, 0, 0])]
+    choices = {f"{s:g}": {**pipeline.choose_lrs(runs, s, ["a"]), "seeds": [0, 1]} for s in (1, 4)}
+    assert choices["1"]["lr"] == {"sft": 1e-3, "lora": 1e-3} and choices["1"]["level"] == 0.5
+    assert choices["4"]["lr"] == {"sft": 1e-2, "lora": 1e-3} and choices["4"]["level"] == 0.6
+    raw = {"preset": "t", "seeds": [0], "scales": [1, 4], "runs": runs, "data": {}, "steps": {},
+           "downstream_tasks": ["a"], "decisive_by_scale": choices}  # fmt: skip
+    from loramoe.reproduce.forgetting import scale_axis
+
+    axis = scale_axis(raw, [("lora", "sft")])
+    assert [row["scale"] for row in axis] == [1, 4]
+    sft = [row["methods"]["sft"] for row in axis]
+    assert [s["lr"] for s in sft] == [1e-3, 1e-2] and [s["seeds"] for s in sft] == [[0, 1], [0, 1]]
+    assert [s["world_knowledge"]["mean"] for s in sft] == pytest.approx([(0.5 + 0.25) / 2, (0.75 + 0.5) / 2])
+    c = axis[1]["comparisons"]["lora-sft"]["world_knowledge"]  # lora has seed 0 only: paired over seed 0
+    assert c["seeds"] == [0] and c["diff"] == pytest.approx(0.5 - 0.75)
+
+
+def test_mastery_table_splits_test_facts_by_the_base_answers():
+    """Hand-made: the base knew test facts 0 and 1; an arm's 'known test facts' score reads only those."""
+    from loramoe.reproduce.forgetting import mastery
+
+    def run(method, arm, seed, right, **extra):
+        r = {"method": method, "scale": 4, "lr": 1e-3, "seed": seed, "arm": arm, "per_question": {"world_knowledge": right},
+             "scores": {"a": 0.5, "world_knowledge": sum(right) / 4, "knowledge_out_of_pool": 0.5}, **extra}  # fmt: skip
+        if arm is None:
+            r.pop("arm")
+        return r
+
+    base = run("base", None, None, [1, 1, 0, 0])
+    mastery_runs = [run("sft", "known", s, [1, 1, 1, 0]) for s in (0, 1)]
+    mastery_runs += [run("sft", "unknown", 0, [0, 1, 0, 1]), run("sft", "unknown", 1, [0, 0, 1, 1])]
+    raw = {"runs": [base], "mastery_runs": mastery_runs, "mastery_scale": 4, "downstream_tasks": ["a"],
+           "data": {"knowledge_known": 7}}  # fmt: skip
+    m = mastery(raw, [])
+    assert (m["test_known"], m["test_unknown"], m["facts_per_arm"]) == (2, 2, 7)
+    rows = {r["arm"]: r for r in m["table"]}
+    assert rows["known"]["test_known"] == pytest.approx(1.0) and rows["known"]["test_unknown"] == pytest.approx(0.5)
+    assert rows["unknown"]["test_known"] == pytest.approx(0.25) and rows["unknown"]["test_unknown"] == pytest.approx(0.75)
+    c = m["comparisons"]["sft: unknown-known arm, known test facts"]
+    assert c["diff"] == pytest.approx(0.25 - 1.0) and c["questions"] == 2 and c["seeds"] == [0, 1]
+
+
+def test_kl_divergence_matches_hand_computed_values():
+    from loramoe.reproduce.divergence import kl_divergence
+
+    base = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    tuned = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
+    expected = [0.5 * torch.log(torch.tensor(0.5 / 0.9)) + 0.5 * torch.log(torch.tensor(0.5 / 0.1)), 0.0]
+    assert kl_divergence(base, tuned).tolist() == pytest.approx([float(expected[0]), 0.0], abs=1e-6)
+    assert kl_divergence(base + 3.0, tuned).tolist() == pytest.approx([float(expected[0]), 0.0], abs=1e-6)  # logits
+
+
+def test_next_token_kl_against_a_uniform_model_is_log_v_minus_entropy(toy_base):
+    """A copy whose output layer is zero predicts the uniform distribution u, so KL(p || u) = log V - H(p) at every
+    position: computed here from the base's own logits, one prompt at a time; the batch pads prompts of different
+    lengths, which must not change any prompt's value. A model against itself: 0."""
+    import copy
+    import math
+
+    from loramoe.reproduce.divergence import next_token_kl
+
+    _, model, tokenizer, world = toy_base
+    prompts = [f.statement(1).rsplit(" ", 1)[0] for f in world.facts_of("test")[:3]] + ["The number 4 comes after"]
+    uniform = copy.deepcopy(model)
+    head = uniform.get_output_embeddings()
+    uniform.set_output_embeddings(torch.nn.Linear(head.in_features, head.out_features, bias=False))
+    torch.nn.init.zeros_(uniform.get_output_embeddings().weight)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            expected.append(float((math.log(logp.shape[-1]) - entropy).mean()))
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # padding is exercised
+    assert next_token_kl(model, uniform, tokenizer, prompts, batch_size=4) == pytest.approx(expected, rel=1e-4)
+    assert next_token_kl(model, model, tokenizer, prompts, batch_size=4) == pytest.approx([0.0] * 4, abs=1e-6)
+
+
+def test_spearman_by_hand():
+    from loramoe.reproduce.forgetting import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties: x ranks 0, 1.5, 1.5, 3; y ranks 0, 2, 1, 3 -> Pearson of the ranks = 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_out_of_pool_facts_share_no_question_with_the_probe_or_the_extra_examples():
+    """The smollm2 out-of-pool set is written apart from the knowledge QA's pool: no question (normalised) of
+    realworld_facts.jsonl or examples/knowledge/more_facts.jsonl; every line well formed; tiny's is its number facts."""
+    from pathlib import Path
+
+    from loramoe.evaluate import normalize_answer
+    from loramoe.reproduce.presets import OUT_OF_POOL_FACTS, successor_facts
+
+    own = load_probe(OUT_OF_POOL_FACTS)
+    others = load_probe(REAL_FACTS) + load_probe(Path(__file__).parents[1] / "examples" / "knowledge" / "more_facts.jsonl")
+    questions = [normalize_answer(s.input) for s in own]
+    assert len(own) >= 100 and len(set(questions)) == len(questions)
+    assert not set(questions) & {normalize_answer(s.input) for s in others}
+    assert successor_facts()[3] == {"question": "What number comes before 4?", "prompt": "The number 4 comes after",
+                                    "answers": ["3"]}  # fmt: skip

@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "routes": ("loramoe.routing", "mean router weight per expert group, dataset and layer of a LoRAMoE model (JSON + PNG)"),
     "reproduce": ("loramoe.reproduce.cli", "the paper's experiment in miniature: forgetting under SFT, LoRAMoE's cure"),
     "lm-eval": ("loramoe.lm_eval", "lm-evaluation-harness with LoRAMoE registered; make-task: task files as lm-eval tasks"),
+    "serve": ("loramoe.vllm.serve", "serve a base model + LoRAMoE adapter with vLLM's OpenAI-compatible server"),
 }
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

@@ -10,6 +10,11 @@ w_i(x), then h B^T. That costs what one LoRA of rank N*r costs; no Python loop o
 What else keeps it at that cost (each measured in BENCHMARKS.md): the scaling and the residual add ride on the
 output GEMM (addmm_ into the base output, no full-size temporary), and a custom autograd Function saves x, a
 1-byte dropout mask, h and the router weights instead of every intermediate.
+
+Under torch.compile the same forward and backward run as opaque operators (``loramoe::experts`` and its
+backward, `torch.library.custom_op`): the compiler neither traces an in-place update of a Function's input (a
+source of silent wrong gradients, PyTorch #180642) nor re-chooses what is saved for backward; it adds the base
+output itself, where it can fuse the add into the next elementwise op.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def _dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     mask ~2.5x cheaper on CPU (it was the largest single cost of a training step after the GEMMs). p is rounded to
     a multiple of 2^-16 (0.05 -> 0.0500031); scaling by 1 / (1 - p_used) keeps E[dropout(x)] = x exact.
     """
+    if torch.compiler.is_compiling():  # the compiler generates and compares random numbers in one fused kernel
+        return torch.rand(x.shape, device=x.device) >= p, p
     k = round(p * 65536)
     bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
     return bits.view(torch.int16)[: x.numel()].view(x.shape) >= k - 32768, k / 65536
@@ -88,6 +95,41 @@ def _experts_forward(
     return residual.view(t, lora_B.shape[0]).addmm_(hs, lora_B.t(), alpha=scale), weights, h
 
 
+def _experts_backward(
+    saved: tuple[torch.Tensor, ...], scale: float, needs: tuple[bool, ...], grad_out: torch.Tensor,
+    grad_weights: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (x, router, A, B; None where ``needs`` says not needed) of `_experts_forward`, from what it saved:
+    x, the dropout mask, router, A, B, h and the router weights. ``grad_weights`` is the gradient reaching the
+    router weights from a loss on them (the LBC)."""
+    x, keep, router, lora_A, lora_B, h, weights = saved
+    need_x, need_router, need_A, need_B = needs
+    t, n, dtype = x.shape[0], router.shape[0], h.dtype
+    r = h.shape[1] // n
+    gate = (weights * scale).to(dtype).view(t, n, 1)
+    h3 = h.view(t, n, r)
+    grad_y = grad_out.reshape(t, lora_B.shape[0])
+    # (hs^T grad_y)^T rather than grad_y^T hs: the same product, ~3x faster on MKL (grad_y is read row-wise).
+    grad_B = ((h3 * gate).view(t, n * r).T @ grad_y).T if need_B else None
+    grad_hs = (grad_y @ lora_B).view(t, n, r)
+    grad_h = (grad_hs * gate).view(t, n * r)
+    grad_w = grad_weights + (grad_hs * h3).sum(-1, dtype=weights.dtype) * scale  # d loss / d weights
+    grad_logits = (weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))).to(dtype)  # softmax backward
+    if keep is not None:
+        keep = _mask_as(keep, dtype)
+    grad_x = grad_router = grad_A = None
+    if need_router:
+        grad_router = grad_logits.T @ x
+    if need_A:
+        grad_A = grad_h.T @ (x if keep is None else x * keep)
+    if need_x:
+        grad_x = grad_h @ lora_A
+        if keep is not None:
+            grad_x.mul_(keep)
+        grad_x.addmm_(grad_logits, router)
+    return grad_x, grad_router, grad_A, grad_B
+
+
 class _MixExperts(torch.autograd.Function):
     """`_experts_forward` with a hand-written backward that keeps only x, the dropout mask (1 byte per entry
     rather than a dropped copy of x), h (T x N*r) and the router weights (T x N); the rest is recomputed.
@@ -108,32 +150,68 @@ class _MixExperts(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_weights):
-        x, keep, router, lora_A, lora_B, h, weights = ctx.saved_tensors
-        need_x, need_residual, need_router, need_A, need_B = ctx.needs_input_grad[:5]
-        t, n, dtype = x.shape[0], router.shape[0], h.dtype
-        r = h.shape[1] // n
-        gate = (weights * ctx.scale).to(dtype).view(t, n, 1)
-        h3 = h.view(t, n, r)
-        grad_y = grad_out.reshape(t, lora_B.shape[0])
-        # (hs^T grad_y)^T rather than grad_y^T hs: the same product, ~3x faster on MKL (grad_y is read row-wise).
-        grad_B = ((h3 * gate).view(t, n * r).T @ grad_y).T if need_B else None
-        grad_hs = (grad_y @ lora_B).view(t, n, r)
-        grad_h = (grad_hs * gate).view(t, n * r)
-        grad_w = grad_weights + (grad_hs * h3).sum(-1, dtype=weights.dtype) * ctx.scale  # d loss / d weights
-        grad_logits = (weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))).to(dtype)  # softmax backward
-        if keep is not None:
-            keep = _mask_as(keep, dtype)
-        grad_x = grad_router = grad_A = None
-        if need_router:
-            grad_router = grad_logits.T @ x
-        if need_A:
-            grad_A = grad_h.T @ (x if keep is None else x * keep)
-        if need_x:
-            grad_x = grad_h @ lora_A
-            if keep is not None:
-                grad_x.mul_(keep)
-            grad_x.addmm_(grad_logits, router)
+        need_x, need_residual, *need_weights = ctx.needs_input_grad[:5]
+        grad_x, grad_router, grad_A, grad_B = _experts_backward(
+            ctx.saved_tensors, ctx.scale, (need_x, *need_weights), grad_out, grad_weights
+        )
         return grad_x, grad_out if need_residual else None, grad_router, grad_A, grad_B, None, None
+
+
+# Under torch.compile: the same forward and backward as two opaque operators. The compiler traces only their fake
+# (shape) functions and `_save_for_op_backward`; what runs is this file's code, also when a compiled graph comes
+# from PyTorch's on-disk cache (a traced backward would be cached: an edited formula could then be served stale).
+@torch.library.custom_op(
+    "loramoe::experts", mutates_args=(),
+    schema="(Tensor x, Tensor router, Tensor lora_A, Tensor lora_B, Tensor? keep, float scale) -> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
+def _mix_experts_op(x, router, lora_A, lora_B, keep, scale):
+    """`_experts_forward` without a residual: (scale * hs B^T, router weights, h)."""
+    return _experts_forward(x, None, router, lora_A, lora_B, keep, scale)
+
+
+@_mix_experts_op.register_fake
+def _(x, router, lora_A, lora_B, keep, scale):
+    weights_dtype = torch.promote_types(x.dtype, torch.float32)
+    t = x.shape[0]
+    return x.new_empty(t, lora_B.shape[0]), x.new_empty(t, router.shape[0], dtype=weights_dtype), x.new_empty(t, lora_A.shape[0])
+
+
+@torch.library.custom_op(
+    "loramoe::experts_backward", mutates_args=(),
+    schema="(Tensor grad_out, Tensor grad_weights, Tensor x, Tensor? keep, Tensor router, Tensor lora_A, "
+           "Tensor lora_B, Tensor h, Tensor weights, float scale, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)",
+)  # fmt: skip
+def _mix_experts_backward_op(grad_out, grad_weights, x, keep, router, lora_A, lora_B, h, weights, scale, needs):
+    """`_experts_backward`; a gradient that is not needed comes back empty (an operator returns tensors)."""
+    saved = (x, keep, router, lora_A, lora_B, h, weights)
+    grads = _experts_backward(saved, scale, tuple(needs), grad_out, grad_weights)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_mix_experts_backward_op.register_fake
+def _(grad_out, grad_weights, x, keep, router, lora_A, lora_B, h, weights, scale, needs):
+    grad_B = x.new_empty(lora_B.shape[::-1]).T  # the layout `_experts_backward` gives it
+    grads = (x.new_empty(x.shape), x.new_empty(router.shape), x.new_empty(lora_A.shape), grad_B)
+    return tuple(g if need else x.new_empty(0) for g, need in zip(grads, needs))
+
+
+def _save_for_op_backward(ctx, inputs, output):
+    x, router, lora_A, lora_B, keep, scale = inputs
+    _, weights, h = output
+    ctx.save_for_backward(x, keep, router, lora_A, lora_B, h, weights)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(h)
+
+
+def _op_backward(ctx, grad_out, grad_weights, _grad_h):
+    x, keep, router, lora_A, lora_B, h, weights = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _mix_experts_backward_op(grad_out, grad_weights, x, keep, router, lora_A, lora_B, h, weights, ctx.scale,
+                                     needs)  # fmt: skip
+    return *(g if need else None for g, need in zip(grads, needs)), None, None
+
+
+_mix_experts_op.register_autograd(_op_backward, setup_context=_save_for_op_backward)
 
 
 def _inplace_root(residual: torch.Tensor) -> torch.Tensor | None:
@@ -141,14 +219,12 @@ def _inplace_root(residual: torch.Tensor) -> torch.Tensor | None:
 
     A linear's output on 3-D input is a reshaping view of a 2-D product. Autograd handles an in-place update of
     a view by copying the whole gradient in backward (CopySlices), so the update goes to the owner, and the
-    caller reshapes the result afresh. Under torch.compile the out-of-place form is left to the compiler.
+    caller reshapes the result afresh.
 
     A view made inside a custom autograd Function (bitsandbytes' int8 matmul returns one, and its 4-bit matmul
     with a bias) has an owner outside the graph: updating that owner would bypass the Function's backward and
     lose the base's input gradient.
     """
-    if torch.compiler.is_compiling():
-        return None
     root = residual._base if residual._is_view() else residual
     if (root.is_leaf and root.requires_grad) or root.requires_grad != residual.requires_grad:
         return None
@@ -173,7 +249,8 @@ def mix_experts(
 
     The router reads the un-dropped input; dropout (one mask shared by all experts) applies to the expert branch
     only. ``residual`` (the base layer's output) is updated in place when its dtype is the compute dtype and it
-    owns its memory: the residual add then costs nothing beyond the output product.
+    owns its memory: the residual add then costs nothing beyond the output product. Under torch.compile the
+    experts run as the operator ``loramoe::experts`` and the compiler adds the residual.
     """
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         raise TypeError(f"mix_experts takes an nn.Dropout or nn.Identity as dropout, not {type(dropout).__name__}.")
@@ -188,13 +265,16 @@ def mix_experts(
     scale = scaling / (1.0 - p)
 
     root = None
-    if residual is not None and residual.dtype == dtype:
-        root = _inplace_root(residual)
-    args = (x2, root, router, lora_A, lora_B, keep, scale)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y, weights = _MixExperts.apply(*args)
+    if torch.compiler.is_compiling():
+        y, weights, _ = _mix_experts_op(x2, router, lora_A, lora_B, keep, scale)
     else:
-        y, weights, _ = _experts_forward(*args)
+        if residual is not None and residual.dtype == dtype:
+            root = _inplace_root(residual)
+        args = (x2, root, router, lora_A, lora_B, keep, scale)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+            y, weights = _MixExperts.apply(*args)
+        else:
+            y, weights, _ = _experts_forward(*args)
     y = y.view(*lead, lora_B.shape[0])
     if residual is not None and root is None:
         y = residual + y.to(residual.dtype)

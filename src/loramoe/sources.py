@@ -10,7 +10,7 @@ JSON lines have a line number: a problem reads ``train.parquet:row 12``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +69,61 @@ def read_rows(spec: str | Path, split: str | None = None, default_split: str | N
     ``DatasetDict`` or Hub dataset; a ``DatasetDict`` with a single split needs none. A ``split`` given for a
     ``Dataset`` folder (which has none) is refused: read whole, it could hold the very samples the split was to
     keep out. Raises `SourceError`."""
+    return list(iter_rows(spec, split, default_split))
+
+
+def iter_rows(spec: str | Path, split: str | None = None, default_split: str | None = None) -> Iterator[tuple[Row, dict]]:
+    """`read_rows`, one row at a time: Arrow data stays memory-mapped and Parquet is read a row group at a time,
+    so a large source is never in memory whole. A source that cannot be opened, or has no rows, raises
+    `SourceError` here, before the first row."""
+    count, batches = _open_table(spec, split, default_split)
+    if not count:
+        raise SourceError(spec, "the dataset is empty (0 rows)")
+    return _rows(spec, batches)
+
+
+def dataset_files(spec: str | Path, split: str | None = None, default_split: str | None = None) -> list[Path]:
+    """The files that hold a source's data (their contents fingerprint it): the file itself, every file of a
+    ``save_to_disk`` folder, or the Arrow files a Hub dataset was cached in. Raises `SourceError`."""
+    path = Path(spec)
+    if path.suffix in TABLE_SUFFIXES and not path.is_dir():
+        if not path.is_file():
+            raise SourceError(path, "file not found")
+        return [path]
+    if path.is_dir():
+        _check_saved(path)
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return sorted(Path(f["filename"]) for f in _read_hub(str(spec), split or default_split).cache_files)
+
+
+ROWS_PER_BATCH = 1000
+
+
+def _rows(spec: str | Path, batches: Iterable[Any]) -> Iterator[tuple[Row, dict]]:
+    import pyarrow as pa
+
+    index = 0
+    try:
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield Row(index), {k: v for k, v in record.items() if v is not None}
+                index += 1
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(spec, f"cannot be read past row {index} ({_first_line(e)})") from None
+
+
+def _open_table(spec: str | Path, split: str | None, default_split: str | None) -> tuple[int, Iterable[Any]]:
+    """``(rows, record batches)`` of a source, opened without reading its data."""
     path = Path(spec)
     if path.suffix in TABLE_SUFFIXES and path.is_file():
-        table = _read_table(path)
-    elif path.is_dir():
-        table = _read_saved(path, split, default_split)
+        return _read_table(path)
+    if path.is_dir():
+        data = _read_saved(path, split, default_split)
     elif path.suffix in TABLE_SUFFIXES:
         raise SourceError(path, "file not found")
     else:
-        table = _read_hub(str(spec), split or default_split)
-    rows = [(Row(i), {k: v for k, v in record.items() if v is not None}) for i, record in enumerate(table)]
-    if not rows:
-        raise SourceError(spec, "the dataset is empty (0 rows)")
-    return rows
+        data = _read_hub(str(spec), split or default_split)
+    return len(data), data.with_format("arrow").iter(batch_size=ROWS_PER_BATCH)
 
 
 def _datasets(spec: str | Path) -> Any:
@@ -92,8 +134,8 @@ def _datasets(spec: str | Path) -> Any:
     return datasets
 
 
-def _read_table(path: Path) -> list[dict]:
-    """Parquet, or Arrow IPC: the stream format that ``datasets`` writes, or the file format."""
+def _read_table(path: Path) -> tuple[int, Iterable[Any]]:
+    """Parquet, or Arrow IPC: the stream format that ``datasets`` writes, or the file format (memory-mapped)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -101,23 +143,30 @@ def _read_table(path: Path) -> list[dict]:
         raise SourceError(path, "reading it needs the `pyarrow` package (pip install 'loramoe[datasets]')") from None
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path).to_pylist()
-        with pa.memory_map(str(path)) as source:
-            try:
-                return pa.ipc.open_stream(source).read_all().to_pylist()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return pa.ipc.open_file(source).read_all().to_pylist()
+            parquet = pq.ParquetFile(path)
+            return parquet.metadata.num_rows, parquet.iter_batches(batch_size=ROWS_PER_BATCH)
+        source = pa.memory_map(str(path))
+        try:
+            table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            table = pa.ipc.open_file(source).read_all()
+        return table.num_rows, table.to_batches(max_chunksize=ROWS_PER_BATCH)
     except (pa.ArrowException, OSError) as e:
         kind = "Parquet" if path.suffix == ".parquet" else "Arrow (IPC stream or file)"
         raise SourceError(path, f"not a readable {kind} file ({e})") from None
 
 
-def _read_saved(path: Path, split: str | None, default_split: str | None) -> list[dict]:
+def _check_saved(path: Path) -> None:
     if not (_is_dataset_dict(path) or (path / "dataset_info.json").is_file()):
         raise SourceError(path, "is a folder, but not one written by Dataset.save_to_disk or DatasetDict.save_to_disk "
                                 "(no dataset_info.json or dataset_dict.json; expected a JSON list or JSON-lines file, "
                                 "a .parquet / .arrow file or a save_to_disk folder)")  # fmt: skip
+
+
+def _read_saved(path: Path, split: str | None, default_split: str | None) -> Any:
+    """The ``datasets.Dataset`` of a ``save_to_disk`` folder (memory-mapped), of the chosen split."""
+    _check_saved(path)
     if split is not None and not _is_dataset_dict(path):
         raise SourceError(path, f"a Dataset folder has no splits, but split {split!r} was given (expected a folder "
                                 "written by DatasetDict.save_to_disk with that split; a Dataset folder is read whole, "
@@ -138,15 +187,15 @@ def _read_saved(path: Path, split: str | None, default_split: str | None) -> lis
             wanted = "choose one of them as the split" if split is None else f"no split {split!r} (expected one of them)"
             raise SourceError(path, f"a DatasetDict with splits {splits}: {wanted}")
         loaded = loaded[split]
-    return loaded.to_list()
+    return loaded
 
 
-def _read_hub(spec: str, split: str | None) -> list[dict]:
+def _read_hub(spec: str, split: str | None) -> Any:
     if split is None:
         raise SourceError(spec, "not a local file or folder; as a Hugging Face Hub dataset it needs a split")
     datasets = _datasets(spec)
     try:
-        return datasets.load_dataset(spec, split=split).to_list()
+        return datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, unknown id, no such split, ...: all the same to the user
         raise SourceError(spec, f"not a local file or folder, and loading it from the Hugging Face Hub failed: "
                                 f"{_first_line(e)}") from None  # fmt: skip

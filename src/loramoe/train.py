@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -51,7 +50,14 @@ from .checkpoint import (
     newest_known_good,
     save_model,
 )
-from .data import InstructionCollator, InstructionDataset, check_task_type_names, load_instruction_data
+from .data import (
+    FINGERPRINT_VERSION,
+    InstructionCollator,
+    InstructionDataset,
+    check_task_type_names,
+    default_cache_dir,
+    load_instruction_data,
+)
 from .errors import RunStopped, out_of_space
 from .loading import model_folder
 from .outputs import OutputDir, write_json, write_text
@@ -69,7 +75,7 @@ RESUME_INVARIANTS = (
     "knowledge_experts", "target_modules", "quantize", "bnb_compute_dtype",
 )  # fmt: skip
 # How to run, not what to train: never compared on resume.
-RUN_CONTROLS = ("resume", "overwrite", "progress")
+RUN_CONTROLS = ("resume", "overwrite", "progress", "cache_dir", "num_proc")
 
 
 @dataclass
@@ -103,6 +109,9 @@ class TrainConfig:
                              "response fits (--no-fit-prompt: cut the sample's end and refuse a record whose "
                              "response is cut away entirely)"})  # fmt: skip
     skip_bad: bool = field(default=False, metadata={"help": "skip bad records (reported) instead of failing"})
+    cache_dir: str | None = field(default=None, metadata={"help": "token cache folder (None: $LORAMOE_CACHE, "
+                                  "else $XDG_CACHE_HOME/loramoe/data, else ~/.cache/loramoe/data)"})  # fmt: skip
+    num_proc: int = field(default=1, metadata={"help": "worker processes that tokenise data not yet in the cache"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out instruction data for eval loss (as --data)"})
     eval_split: str | None = field(default=None, metadata={
         "help": "split of --eval-file when it is a DatasetDict folder or Hub id (needed when it has several)"})
@@ -121,6 +130,9 @@ class TrainConfig:
     dtype: str = field(default="float32", metadata={"help": "dtype of the frozen base's weights (adapters and "
                        "optimizer states stay fp32; the experts compute in the base's dtype)"})  # fmt: skip
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model's forward and backward (the first steps, and the first of each new "
+                "sequence length, wait for compilation)"})  # fmt: skip
     fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
     deepspeed: str | None = field(default=None, metadata={
         "help": "DeepSpeed ZeRO-2/3 config JSON (e.g. examples/deepspeed/zero2.json); launch with torchrun"})
@@ -153,6 +165,7 @@ class TrainConfig:
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)"),
             (self.max_seq_len >= 2, "max_seq_len", "an integer >= 2"),
+            (self.num_proc >= 1, "num_proc", "an integer >= 1"),
             (self.save_every >= 0, "save_every", "an integer >= 0"),
             (self.keep_last >= 1, "keep_last", "an integer >= 1"),
             (self.eval_every >= 0, "eval_every", "an integer >= 0"),
@@ -165,6 +178,9 @@ class TrainConfig:
                 raise ConfigError(key, getattr(self, key), expected)
         check_task_type_names(self.task_type_names)
         check_quantization(self.quantize, self.bnb_compute_dtype)
+        if self.compile and (self.fsdp or self.deepspeed):
+            raise ValueError(f"compile: not supported with {'--fsdp' if self.fsdp else '--deepspeed'} (expected one "
+                             "of them; torch.compile of a sharded model is untested here)")
         if self.quantize and (self.method == "full" or self.fsdp or self.deepspeed):
             other = "--fsdp" if self.fsdp else "--deepspeed" if self.deepspeed else "method full"
             raise ValueError(f"quantize: {self.quantize!r} with {other} (expected method loramoe or lora without "
@@ -347,13 +363,13 @@ class SampleStream:
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed = size, seed
-        self._perms: dict[int, list[int]] = {}
+        self._perms: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, i: int) -> int:
         epoch, offset = divmod(i, self.size)
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
-        return self._perms[epoch][offset]
+        if epoch not in self._perms:  # a tensor, not a list: 8 bytes per sample, not a Python int each
+            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][offset])
 
     def micro_batch(self, step: int, micro: int, cfg: TrainConfig, rank: int, world: int) -> list[int]:
         """Dataset indices of micro-batch ``micro`` of optimizer ``step`` on ``rank``."""
@@ -435,15 +451,6 @@ def _stopped_at(metrics: Path) -> int | None:
     lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
     last = _record(lines[-1]) if lines else {}
     return last.get("resume_from_step") if last.get("event") == "non_finite_loss" else None
-
-
-def data_fingerprint(data: InstructionDataset) -> str:
-    """sha256 of the training samples (tokens, labels, task types, order): the data a checkpoint's step refers
-    to, whatever produced it (file contents, weights, --max-seq-len, --fit-prompt, --task-type-names...)."""
-    h = hashlib.sha256()
-    for s in data.samples:
-        h.update(json.dumps([s.input_ids, s.labels, s.task_type]).encode())
-    return h.hexdigest()
 
 
 def _changed(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -564,6 +571,25 @@ def _check_base_dtype(model: nn.Module, cfg: TrainConfig) -> None:
                          "(expected a base loaded in that dtype, or a matching --dtype)")  # fmt: skip
 
 
+def compile_model(model: nn.Module, acc: Any, checkpointing: bool = False) -> None:
+    """torch.compile, in place, the causal LM inside ``model`` (the PEFT wrapper's LBC bookkeeping stays eager):
+    its forward, loss and backward. In place keeps parameter names, so saving and resuming do not change. The
+    LoRAMoE layers compile without graph breaks (see `loramoe.layer`).
+
+    With gradient checkpointing, dynamo would not trace a checkpointed block whose forward has a side effect, and
+    each LoRAMoE layer hands its router weights to the LBC by one (appending to a list). Letting the recompute in
+    backward skip it is what eager does as well: the lists are gone by then (see `LoraMoeModel.forward`)."""
+    import torch._dynamo
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("compile: not supported under DeepSpeed (expected no --compile with a DeepSpeed launch)")
+    if checkpointing and hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.compile()
+
+
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
     """Run (or resume) a training run; see the module docstring. ``model``/``tokenizer`` may be given in memory
     (a base model, or a ready PeftModel); then ``cfg.model`` is only recorded."""
@@ -582,8 +608,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        rank = f"[rank {acc.process_index}] " if acc.num_processes > 1 else ""
         load = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, task_type_names=cfg.task_type_names,
-                    skip_bad=cfg.skip_bad, seed=cfg.seed, fit_prompt=cfg.fit_prompt)  # fmt: skip
+                    skip_bad=cfg.skip_bad, seed=cfg.seed, fit_prompt=cfg.fit_prompt, num_proc=cfg.num_proc,
+                    cache_dir=cfg.cache_dir or default_cache_dir(), log=lambda line: print(rank + line))  # fmt: skip
         data = load_instruction_data(cfg.data, split=cfg.data_split, **load)
         eval_data = (load_instruction_data([cfg.eval_file], split=cfg.eval_split, default_split=None, **load)
                      if cfg.eval_file else None)  # fmt: skip
@@ -616,6 +644,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             model.config.use_cache = False
         model.train()
         sharded = engines.check_engine(cfg, acc)
+        if cfg.compile:
+            compile_model(model, acc, cfg.gradient_checkpointing)
         if cfg.fsdp:
             model = engines.shard_with_fsdp(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -637,10 +667,13 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         ckpt = Checkpointer(acc, out, cfg.keep_last, sharded)
         watch = StabilityWatch()
         invariants = {k: v for k, v in cfg.to_dict().items() if k in RESUME_INVARIANTS}
-        invariants.update(global_micro_batch=cfg.batch_size * world, data_fingerprint=data_fingerprint(data))
+        # the samples' sha256 (tokens, labels, task types, order) from the cache: whatever produced them
+        invariants.update(global_micro_batch=cfg.batch_size * world, data_fingerprint=data.fingerprint())
 
         def check(path: Path, state: dict[str, Any]) -> None:
-            saved = state.get("invariants", {})
+            saved = state.setdefault("invariants", {})
+            if not str(saved.get("data_fingerprint", f"{FINGERPRINT_VERSION}:")).startswith(f"{FINGERPRINT_VERSION}:"):
+                del saved["data_fingerprint"]  # hashed otherwise before the token cache: not comparable, unrecorded
             changed = {k: (saved[k], v) for k, v in invariants.items() if k in saved and saved[k] != v}
             if changed:
                 note = (" (data_fingerprint: the training samples differ: a --data file changed, or a setting that "

@@ -64,6 +64,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knowledge-test", type=Path, default=None, metavar="FILE",
                         help='extra closed-book test, JSON lines {"question", "answers": [...]}: never trained on, '
                              "scored format-free and in-format for every method")
+    parser.add_argument("--decisive-at", choices=("largest", "every"), default=None,
+                        help="where the decisive setting gets its --decisive-seeds: the largest data scale only, or "
+                             "every scale (the scale axis; default: the preset's)")
+    parser.add_argument("--mastery", type=float, default=None, metavar="SCALE",
+                        help="also train every method at SCALE's decisive lrs with knowledge QA on only the facts the "
+                             "base model answers (known) or only those it does not (unknown), same counts, "
+                             "--decisive-seeds seeds each")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs stored in OUT/results (a data scale "
+                             "without its full grid is left out)")
     for name, kind in OVERRIDES.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="override the preset's value")
     add_quantize_options(parser)
@@ -85,7 +95,8 @@ def methods_to_run(requested: list[str] | None, quantize: str | None) -> list[st
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
-    changes = {k: getattr(args, k) for k in (*OVERRIDES, "quantize", "bnb_compute_dtype") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in (*OVERRIDES, "quantize", "bnb_compute_dtype", "decisive_at")
+               if getattr(args, k) is not None}  # fmt: skip
     if args.target_modules:
         changes["target_modules"] = tuple(args.target_modules)
     preset = tiny_preset(args.base, **changes) if args.preset == "tiny" else smollm2_preset(**changes)
@@ -93,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     scales = sorted(args.scales) if args.scales else list(preset.scales)
     if args.sweep:
         unused = [flag for flag, value in (("--lr-grid", args.lr_grid), ("--knowledge-test", args.knowledge_test),
-                                           ("--decisive-seeds", args.decisive_seeds)) if value is not None]  # fmt: skip
+                                           ("--decisive-seeds", args.decisive_seeds), ("--mastery", args.mastery),
+                                           ("--decisive-at", args.decisive_at),
+                                           ("--report-only", args.report_only or None)) if value is not None]  # fmt: skip
         if unused:
             raise ValueError(f"{unused[0]}: not used by --sweep (a sweep trains at --lr-adapter on the preset's own "
                              "test sets; expected the comparison, without --sweep)")  # fmt: skip
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         run_sweep(args.sweep, preset, args.out / f"sweep_{args.sweep}", list(range(args.seeds)), max(scales), args.steps)
         return 0
     plan = Plan(preset, args.out, list(range(args.seeds)), scales, methods_to_run(args.methods, args.quantize), args.steps,
-                knowledge_test=args.knowledge_test)
+                knowledge_test=args.knowledge_test, mastery_scale=args.mastery, train_missing=not args.report_only)
     raw = run_experiment(plan)
     (args.out / "raw_results.json").write_text(json.dumps(raw, indent=1) + "\n")
     report = summarise(raw)

@@ -32,7 +32,9 @@ from ..evaluate import EvalSample, evaluate, load_tasks, normalize_answer
 from ..quantization import check_options as check_quantization
 from ..routing import routing_profile
 from ..train import NonFiniteLossError, TrainConfig, train
+from .divergence import next_token_kl
 from .knowledge import answer_logprobs, load_probe
+from .mastery import MASTERY_ARMS, split_known
 from .store import fingerprint, inputs_digest, load_done, weights_sha256, write_json_atomic
 from .tasks import FAMILIES, KNOWLEDGE_TASK, Sample, generate
 from .world import World
@@ -46,10 +48,13 @@ KNOWLEDGE_IN_FORMAT = KNOWLEDGE_TASK + IN_FORMAT
 EXTRA_TASK = "knowledge_test"  # a user's own closed-book questions (--knowledge-test), scored in both formats
 VALID = "_valid"  # suffix of a validation task: facts or downstream samples for choosing lrs, never the test's
 VALID_TASK = KNOWLEDGE_TASK + VALID
+# facts from another source than the knowledge QA's pool (format-free): scored apart from the test split
+OUT_OF_POOL = "knowledge_out_of_pool"
+TRAIN_FACTS = KNOWLEDGE_TASK + "_train"  # the training facts, format-free: scored for the base model only
 RESULTS_DIR = "results"  # one JSON file per finished run: what a rerun with the same --out reuses
 # what `run_experiment` (and the CLI after it) writes into --out: listed in its manifest before it is written
 OUTPUTS = ("data", "tasks", "results", "runs", "routing", "runs.jsonl", "raw_results.json", "report.json",
-           "report.md", "forgetting.png", "frontier.png", "routing.png")  # fmt: skip
+           "report.md", "forgetting.png", "frontier.png", "routing.png", "scaling.png", "kl.png")  # fmt: skip
 ROUTING_LIMIT = 50  # samples per task for the routing statistics (a forward pass each; the mean settles by then)
 
 
@@ -88,6 +93,9 @@ class Preset:
     # CPU threads for torch. A model this small gains nothing from more, and on a shared machine several busy
     # processes with 2+ spinning OpenMP threads each were 10x slower per step than with 1 (measured). None: torch's.
     threads: int | None = 1
+    # closed-book records {"question", "prompt", "answers"} from a source apart from ``knowledge``'s pool
+    out_of_pool: Callable[[], list[dict[str, Any]]] | None = None
+    decisive_at: str = "largest"  # "largest": the decisive seeds at the largest scale only; "every": at every scale
     quantize: str | None = None  # nf4 | fp4 | int8: every method's base quantized (bitsandbytes); no full SFT then
     bnb_compute_dtype: str | None = None
 
@@ -126,6 +134,8 @@ class Plan:
     steps: int | None = None
     routing_methods: tuple[str, ...] = ("loramoe", "loramoe_lbc")
     knowledge_test: Path | None = None
+    mastery_scale: float | None = None  # the mastery arm (known-only / unknown-only knowledge data) at this scale
+    train_missing: bool = True  # False: report what is stored, train nothing (a scale without its full grid is left out)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -174,6 +184,8 @@ class ExperimentData:
     train_files: dict[float, list[Path]]
     test_files: list[Path]  # knowledge on test facts (format-free, in-format; the extra test too) + downstream tests
     valid_files: list[Path]  # validation facts (format-free) + downstream validation: for choosing lrs, never the test
+    train_facts_file: Path  # the knowledge QA's training facts, format-free: the base's answers split the mastery arm
+    knowledge_train: list[Sample]  # those facts, in the training file's order
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -223,6 +235,13 @@ def build_data(preset: Preset, scales: list[float], out: Path, tokenizer: Any, s
                 task_file(name + IN_FORMAT, [eval_record(s, preset, tokenizer, name + IN_FORMAT) for s in samples])]  # fmt: skip
 
     test_files = both_formats(KNOWLEDGE_TASK, knowledge["test"])
+    if preset.out_of_pool is not None:
+        records = preset.out_of_pool()
+        check_never_trained_on([Sample(OUT_OF_POOL, 1, "", r["question"], "") for r in records], knowledge["train"],
+                               Path(f"{preset.name} preset's out-of-pool facts"))  # fmt: skip
+        test_files.append(task_file(OUT_OF_POOL, [{"task": OUT_OF_POOL, "type": "generate", "prompt": r["prompt"],
+                                                   "answers": list(r["answers"])} for r in records]))  # fmt: skip
+        counts["knowledge_out_of_pool"] = len(records)
     if knowledge_test:
         test_files += both_formats(EXTRA_TASK, knowledge_test)
         counts["knowledge_test_file"] = len(knowledge_test)
@@ -231,7 +250,21 @@ def build_data(preset: Preset, scales: list[float], out: Path, tokenizer: Any, s
     valid_files += [task_file(fam + VALID, [eval_record(s, preset, tokenizer, fam + VALID) for s in valids[fam]])
                     for fam in preset.families]  # fmt: skip
     counts.update(knowledge_test=len(knowledge["test"]), knowledge_valid=len(knowledge["valid"]))
-    return ExperimentData(files, test_files, valid_files, counts)
+    train_facts = task_file(TRAIN_FACTS, [format_free_record(s, preset, TRAIN_FACTS) for s in knowledge["train"]])
+    return ExperimentData(files, test_files, valid_files, train_facts, list(knowledge["train"]), counts)
+
+
+def write_mastery_data(data: ExperimentData, preset: Preset, base_answers: list[float], scale: float,
+                       out: Path) -> dict[str, list[Path]]:  # fmt: skip
+    """The mastery arm's training files at ``scale``: per arm, knowledge QA on only the facts the base answered right
+    (or only those it answered wrong; the same count), and the same downstream data as the scale's main runs."""
+    arms = split_known(data.knowledge_train, base_answers)
+    files = {}
+    for arm in MASTERY_ARMS:
+        path = _write_jsonl(out / "data" / f"knowledge_{arm}.jsonl", [train_record(s, preset) for s in arms[arm]])
+        files[arm] = [path, data.train_files[scale][1]]
+        data.counts[f"knowledge_{arm}"] = len(arms[arm])
+    return files
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------
@@ -293,22 +326,32 @@ EVAL_UNITS = 20  # an evaluation costs about as much as this many training steps
 def knowledge_tasks(samples: list[EvalSample]) -> list[str]:
     """The knowledge tasks among ``samples`` (test and validation, both formats), whose per-question results the
     bootstrap and the log-probability comparison need."""
-    return sorted({s.task for s in samples if s.task.startswith((KNOWLEDGE_TASK, EXTRA_TASK))})
+    return sorted({s.task for s in samples if s.task.startswith((KNOWLEDGE_TASK, EXTRA_TASK, OUT_OF_POOL))})
 
 
-def scorer(preset: Preset, tokenizer: Any, samples: list[EvalSample]) -> Callable[[Any], dict[str, Any]]:
+KL_BATCH = 8  # prompts per KL batch: two models' logits over a 49k vocabulary are large
+
+
+def scorer(preset: Preset, tokenizer: Any, samples: list[EvalSample],
+           reference: Any = None) -> Callable[[Any], dict[str, Any]]:  # fmt: skip
     """model -> its measurements on ``samples``, decoded as ``preset`` says: ``scores`` (main metric per task),
-    ``per_question`` (exact match per knowledge question, in file order) and ``answer_logprob`` (mean log-prob per
-    token of the gold answer after the format-free prompt, per question)."""
+    ``per_question`` (exact match per knowledge question, in file order), ``answer_logprob`` (mean log-prob per
+    token of the gold answer after the format-free prompt, per question) and, given the ``reference`` (base)
+    model, ``kl_base`` (KL(base || model) per format-free test prompt, mean over its positions: prompts no
+    training data contains)."""
     per_question = knowledge_tasks(samples)
     format_free = [t for t in per_question if not t.endswith(IN_FORMAT)]
+    kl_prompts = [s.prompt for s in samples if s.task == KNOWLEDGE_TASK]
 
     def score(model: Any) -> dict[str, Any]:
         report = evaluate(model, tokenizer, samples, preset.eval_batch_size, preset.max_new_tokens, progress=False)
         found = {t: [p["exact_match"] for p in report.predictions if p["task"] == t] for t in per_question}
         logprobs = {t: answer_logprobs(model, tokenizer, [s for s in samples if s.task == t], preset.eval_batch_size)
                     for t in format_free}  # fmt: skip
-        return {"scores": dict(report.main), "per_question": found, "answer_logprob": logprobs}
+        out = {"scores": dict(report.main), "per_question": found, "answer_logprob": logprobs}
+        if reference is not None:
+            out["kl_base"] = next_token_kl(reference, model, tokenizer, kl_prompts, KL_BATCH)
+        return out
 
     return score
 
@@ -370,10 +413,25 @@ def open_out(out: Path, names: tuple[str, ...], preset: Preset) -> None:
     folder.record(names)
 
 
+def scale_order(scales: list[float], decisive_at: str, mastery_scale: float | None = None) -> list[float]:
+    """The order the scales run in, so that a study stopped part-way (and resumed later) already holds finished
+    parts. Seeds at every scale: the smallest (cheapest) scale first, each finished with its decisive seeds. Seeds
+    at the largest scale only: the largest first (its grid chooses the decisive lrs, then its seeds), then the
+    others from large to small (more frontier points). The mastery arm's scale goes before all: its grid chooses
+    the arm's lrs, and the arm is the cheapest new evidence."""
+    order = sorted(scales) if decisive_at == "every" else sorted(scales, reverse=True)
+    return sorted(order, key=lambda s: s != mastery_scale)
+
+
 def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Do every run of ``plan`` (the grid, then the decisive setting's extra seeds); return the raw results that
-    `report.summarise` reads."""
+    """Do every run of ``plan`` (per scale: the grid, then, where the preset puts them, the decisive setting's
+    extra seeds; the mastery arm after its scale); return the raw results that `report.summarise` reads."""
     p = plan.preset
+    if p.decisive_at not in ("largest", "every"):
+        raise ValueError(f"decisive_at: expected 'largest' or 'every', got {p.decisive_at!r}")
+    if plan.mastery_scale is not None and (plan.mastery_scale not in plan.scales or "base" not in plan.methods):
+        raise ValueError(f"--mastery {plan.mastery_scale:g}: expected one of the data scales {plan.scales} and 'base' "
+                         "among the methods (the base model's stored answers split the facts)")  # fmt: skip
     extra = None
     if plan.knowledge_test is not None:  # checked before anything is written or loaded
         extra = load_probe(plan.knowledge_test)
@@ -390,81 +448,110 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     trained = [m for m in plan.methods if METHODS[m] is not None]
     largest = max(plan.scales)
     decisive_seeds = [s for s in range(max(p.decisive_seeds, 1)) if s not in plan.seeds]
-    # The order of the runs puts what decides the claim first, so that a study stopped part-way (and resumed
-    # later) already holds it: the largest scale's grid (it chooses the lrs), then the decisive setting's extra
-    # seeds, then the smaller scales (more frontier points).
-    grid = [(seed, scale, m, lr) for seed in plan.seeds for scale in sorted(plan.scales, reverse=True)
-            for m in trained for lr in p.lrs(m)]  # fmt: skip
-    first = [point for point in grid if point[1] == largest]
-    units = (sum(steps[scale] + EVAL_UNITS for _, scale, _, _ in grid) + EVAL_UNITS
-             + len(decisive_seeds) * len(trained) * (steps[largest] + EVAL_UNITS))  # fmt: skip
+    seeded = set(plan.scales) if p.decisive_at == "every" else {largest}
+    order = scale_order(plan.scales, p.decisive_at, plan.mastery_scale)
+    grid = {scale: [(seed, scale, m, lr) for seed in plan.seeds for m in trained for lr in p.lrs(m)] for scale in order}
+    mastery_seeds = list(range(max(p.decisive_seeds, 1)))
+    units = (sum(steps[scale] + EVAL_UNITS for points in grid.values() for _, scale, _, _ in points) + EVAL_UNITS
+             + sum(len(decisive_seeds) * len(trained) * (steps[s] + EVAL_UNITS) for s in seeded))  # fmt: skip
+    if plan.mastery_scale is not None:
+        units += len(mastery_seeds) * len(MASTERY_ARMS) * len(trained) * (steps[plan.mastery_scale] + EVAL_UNITS)
     progress = Progress(units, log)
-    log(f"data: {data.counts}; steps per scale: {steps}; {len(grid)} grid runs + "
-        f"{len(decisive_seeds) * len(trained)} at the decisive setting")  # fmt: skip
+    log(f"data: {data.counts}; steps per scale: {steps}; {sum(map(len, grid.values()))} grid runs + "
+        f"{len(decisive_seeds) * len(trained) * len(seeded)} at the decisive settings")  # fmt: skip
 
-    score = scorer(p, tokenizer, samples)
+    score = scorer(p, tokenizer, samples, reference=base)
     inputs = inputs_digest(weights_sha256(base), [*data.test_files, *data.valid_files])
     runs: list[dict[str, Any]] = []
+    mastery_runs: list[dict[str, Any]] = []
 
     def finish(run: dict[str, Any], path: Path) -> None:
         write_json_atomic(path, run)
-        runs.append(run)
-        _write_jsonl(plan.out / "runs.jsonl", runs)
+        (mastery_runs if "arm" in run else runs).append(run)
+        _write_jsonl(plan.out / "runs.jsonl", runs + mastery_runs)
 
+    base_run = None
     if "base" in plan.methods:
         path = plan.out / RESULTS_DIR / "base.json"
         base_config = {"method": "base", "model": Path(p.model_ref).name}  # the weights' sha256 is in the inputs
-        run = load_done(path, base_config, inputs)
-        if run is None:
+        base_inputs = inputs_digest(inputs["base_weights_sha256"], [*data.test_files, *data.valid_files,
+                                                                    data.train_facts_file])  # fmt: skip
+        base_run = load_done(path, base_config, base_inputs)
+        if base_run is None:
             progress.stage("evaluating the base model")
-            run = {"method": "base", "scale": None, "lr": None, "seed": None, **score(base), "trainable_params": 0,
-                   "train_seconds": 0.0, "steps": 0, "train_config": base_config, "inputs": inputs}  # fmt: skip
+            measured = scorer(p, tokenizer, samples + load_tasks([data.train_facts_file]))(base)
+            base_run = {"method": "base", "scale": None, "lr": None, "seed": None, **measured, "trainable_params": 0,
+                        "train_seconds": 0.0, "steps": 0, "train_config": base_config, "inputs": base_inputs}  # fmt: skip
         else:
             log(f"base: done earlier ({path})")
         progress.advance(EVAL_UNITS)
-        finish(run, path)
+        finish(base_run, path)
 
-    def do(seed: int, scale: float, method: str, lr: float) -> None:
+    def do(seed: int, scale: float, method: str, lr: float, arm: str | None = None,
+           files: list[Path] | None = None) -> bool:  # fmt: skip
+        """Train and measure one run, or reuse its stored result; False when it is neither (``train_missing``)."""
+        files = files or data.train_files[scale]
         cfg = train_config(plan, method, scale, lr, seed, data, steps[scale])
-        name = run_name(method, scale, lr, seed)
+        name = run_name(method, scale, lr, seed) + (f"_{arm}" if arm else "")
+        cfg.data, cfg.output_dir = [str(f) for f in files], str(plan.out / "runs" / name)
+        what = f"{method}: data x{scale:g}, lr {lr:g}, seed {seed}" + (f", {arm} facts only" if arm else "")
         path = plan.out / RESULTS_DIR / f"{name}.json"
-        run_inputs = inputs_digest(inputs["base_weights_sha256"], [*data.train_files[scale], *data.test_files,
-                                                                   *data.valid_files])  # fmt: skip
+        run_inputs = inputs_digest(inputs["base_weights_sha256"], [*files, *data.test_files, *data.valid_files])
         run = load_done(path, fingerprint(cfg), run_inputs, config_defaults())
         if run is not None:
-            log(f"{method}: data x{scale:g}, lr {lr:g}, seed {seed}: done earlier ({path})")
+            log(f"{what}: done earlier ({path})")
             progress.total -= steps[scale] + EVAL_UNITS  # the time estimate counts work still to do
             finish(run, path)
-            return
-        progress.stage(f"{method}: data x{scale:g}, lr {lr:g}, seed {seed}, {steps[scale]} steps")
-        routed = method in plan.routing_methods and scale == largest
+            return True
+        if not plan.train_missing:
+            log(f"{what}: not stored yet")
+            return False
+        progress.stage(f"{what}, {steps[scale]} steps")
+        routed = method in plan.routing_methods and scale == largest and arm is None
         measured, profile = train_and_measure(cfg, base, tokenizer, score, route_on if routed else None, p.eval_batch_size)
         run = {"method": method, "scale": scale, "lr": lr, "seed": seed, **measured, "inputs": run_inputs}
+        if arm:
+            run["arm"] = arm
         if profile is not None:
             profile.save(plan.out / "routing" / name)
         progress.advance(steps[scale] + EVAL_UNITS)
         finish(run, path)
+        return True
 
-    for point in first:
-        do(*point)
-    decisive = choose_lrs(runs, largest, list(p.families)) if trained else {"level": None, "lr": {}}
-    log(f"decisive setting (chosen on validation data): x{largest:g}, lr {decisive['lr']}")
-    for seed in decisive_seeds:
-        for method in trained:
-            do(seed, largest, method, decisive["lr"][method])
-    for point in grid:
-        if point not in first:
-            do(*point)
+    by_scale: dict[str, dict[str, Any]] = {}
+    for scale in order:
+        if not all([do(*point) for point in grid[scale]]) or not trained:
+            continue  # a scale without its full grid chooses nothing and is left out of the report
+        choice = choose_lrs(runs, scale, list(p.families))
+        log(f"decisive setting at x{scale:g} (chosen on validation data): lr {choice['lr']}")
+        stored = set(plan.seeds)
+        for seed in decisive_seeds if scale in seeded else []:
+            stored |= {seed} if all([do(seed, scale, m, choice["lr"][m]) for m in trained]) else set()
+        by_scale[f"{scale:g}"] = {**choice, "seeds": sorted(stored)}
+        if scale == plan.mastery_scale:
+            files = write_mastery_data(data, p, base_run["per_question"][TRAIN_FACTS], scale, plan.out)
+            log(f"mastery arm at x{scale:g}: {data.counts['knowledge_known']} known and as many unknown facts")
+            for seed in mastery_seeds if data.counts["knowledge_known"] else []:  # none: the base knows all or none
+                for arm in MASTERY_ARMS:
+                    for m in trained:
+                        do(seed, scale, m, choice["lr"][m], arm, files[arm])
+    done_scales = sorted(float(s) for s in by_scale)
+    if trained and not done_scales:
+        raise ValueError(f"{plan.out / RESULTS_DIR}: no data scale has every run of its grid stored yet "
+                         "(expected at least one finished scale to report on)")  # fmt: skip
+    top = max(done_scales) if done_scales else largest
+    decisive = by_scale.get(f"{top:g}", {"level": None, "lr": {}, "seeds": []})
     for method in plan.routing_methods:  # the decisive run's per-layer profile, kept beside the report
         source = plan.out / "routing" / run_name(method, largest, decisive["lr"].get(method, 0.0), min(plan.seeds))
         if method in decisive["lr"] and source.is_dir():
             shutil.copytree(source, plan.out / "routing" / method, dirs_exist_ok=True)
     progress.stage("done")
-    seeds = sorted({*plan.seeds, *decisive_seeds})
-    return {"preset": p.name, "seeds": plan.seeds, "scales": plan.scales, "runs": runs, "data": data.counts,
-            "steps": {f"{s:g}": n for s, n in steps.items()}, "downstream_tasks": list(p.families),
+    return {"preset": p.name, "seeds": plan.seeds, "scales": done_scales or plan.scales,
+            "runs": [r for r in runs if r["scale"] is None or r["scale"] in done_scales or not trained],
+            "mastery_runs": mastery_runs, "mastery_scale": plan.mastery_scale,
+            "data": data.counts, "steps": {f"{s:g}": n for s, n in steps.items()}, "downstream_tasks": list(p.families),
             "lr_grid": {m: list(p.lrs(m)) for m in trained},
-            "decisive": {"scale": largest, "seeds": seeds if trained else [], **decisive},
+            "decisive": {"scale": top, **decisive}, "decisive_by_scale": by_scale,
             "wall_seconds": time.time() - progress.start}  # fmt: skip
 
 

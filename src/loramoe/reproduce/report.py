@@ -14,7 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..config import knowledge_group_size
-from .pipeline import EXTRA_TASK, IN_FORMAT, KNOWLEDGE_IN_FORMAT, METHODS, VALID, VALID_TASK
+from . import forgetting
+from .pipeline import EXTRA_TASK, IN_FORMAT, KNOWLEDGE_IN_FORMAT, METHODS, OUT_OF_POOL, VALID, VALID_TASK
 from .stats import Point, knowledge_at, paired_bootstrap, pareto_frontier
 from .tasks import KNOWLEDGE_TASK
 
@@ -64,7 +65,10 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             inf = [r["scores"][KNOWLEDGE_IN_FORMAT] for r in rs]
             ds = [_downstream(r, tasks) for r in rs]
             change = [c for c in (_logprob_change(r, base) for r in rs) if c is not None]
+            ood = [r["scores"][OUT_OF_POOL] for r in rs if OUT_OF_POOL in r["scores"]]
             return {"world_knowledge": _mean(wk), "world_knowledge_std": _std(wk),
+                    "out_of_pool": _mean(ood) if ood else None, "out_of_pool_std": _std(ood),
+                    "kl_base": _mean([statistics.fmean(r.get("kl_base") or [0.0]) for r in rs]),
                     "world_knowledge_in_format": _mean(inf), "world_knowledge_in_format_std": _std(inf),
                     "world_knowledge_valid": _mean([r["scores"][VALID_TASK] for r in rs]),
                     "knowledge_logprob_change": _mean(change) if change else None,
@@ -106,6 +110,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         "lr_grid": raw["lr_grid"], "decisive": raw["decisive"], "frontier": frontier,
         "matched_skill": matched_skill(frontier, methods.get("base")),
         "comparisons": comparisons(raw),
+        "scale_axis": forgetting.scale_axis(raw, PAIRS), "kl": forgetting.kl_points(raw),
+        "mastery": forgetting.mastery(raw, PAIRS),
     }  # fmt: skip
     report["verdict"] = verdict(report, tasks)
     return report
@@ -233,9 +239,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"training time of all {report['runs']} runs: {report['train_seconds_total'] / 60:.1f} min; 'train s' is one "
         "run's training time at the largest scale.",
         "",
-        "| method | lr | trainable params | world knowledge | in-format | log-prob change | "
+        "| method | lr | trainable params | world knowledge | in-format | out-of-pool | log-prob change | KL | "
         + " | ".join(tasks) + " | downstream mean | train s |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|",
     ]  # fmt: skip
     for name, r in m.items():
         cells = [_pct(r["downstream"][t], r["downstream_std"][t]) for t in tasks]
@@ -244,7 +250,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {r['lr'] if r['lr'] is not None else '-'} | {r['trainable_params']:,} | "
             f"{_pct(r['world_knowledge'], r['world_knowledge_std'])} | "
             f"{_pct(r['world_knowledge_in_format'], r['world_knowledge_in_format_std'])} | "
-            f"{'-' if change is None else f'{change:+.3f}'} | " + " | ".join(cells)
+            f"{_pct(r.get('out_of_pool'), r.get('out_of_pool_std'))} | "
+            f"{'-' if change is None else f'{change:+.3f}'} | {r.get('kl_base', 0.0):.4f} | " + " | ".join(cells)
             + f" | {_pct(r['downstream_mean'], r['downstream_mean_std'])} | {r['train_seconds']:.0f} |"
         )  # fmt: skip
     if any("knowledge_test" in r for r in m.values()):
@@ -267,7 +274,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                   "", "| method | " + " | ".join(datasets) + " |", "|---|" + "---:|" * len(datasets)]  # fmt: skip
         for name, s in shares.items():
             lines.append(f"| {name} | " + " | ".join(f"{s[d]:.3f}" for d in datasets) + " |")
-    lines += ["", "## Verdict", "", *verdict_lines(report), ""]
+    lines += ["", *forgetting.markdown(report)]
+    lines += ["", "## Verdict", "", *verdict_lines(report), *forgetting.verdict_lines(report), ""]
     return "\n".join(lines)
 
 
@@ -456,4 +464,8 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     plot_frontier(report, paths["frontier"])
     if report["routing"]["by_method"]:
         paths["routing"] = plot_routing(report, out / "routing.png")
+    if report.get("scale_axis"):
+        paths["scaling"] = forgetting.plot_scaling(report, out / "scaling.png")
+    if (report.get("kl") or {}).get("points"):
+        paths["kl"] = forgetting.plot_kl(report, out / "kl.png")
     return paths
