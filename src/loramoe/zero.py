@@ -8,8 +8,8 @@ DDP and FSDP. So a ZeRO run saves and resumes like any other, and its checkpoint
 ``weights_only=False``, one file per rank readable only by the same ZeRO layout (and, unless told otherwise, the
 frozen base model with them).
 
-Every function here is a collective: all ranks call it. It uses DeepSpeed's ``safe_get/set_full_*`` API, plus the
-attributes of its ZeRO optimizers that `_partitions` names.
+The functions that read or write state are collectives: all ranks call them. They use DeepSpeed's
+``safe_get/set_full_*`` API, plus the attributes of its ZeRO optimizers that `_partitions` names.
 """
 
 from __future__ import annotations
