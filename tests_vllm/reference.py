@@ -22,6 +22,10 @@ PROMPTS = [
     "The three primary colors are",
 ]
 NEW_TOKENS = 32
+# Largest difference allowed between vLLM's and PEFT's log-probabilities (fp32). Both sum the same products in a
+# different order (vLLM's fused [router; A] GEMM, its own attention kernels); seen: 7e-5. The adapter itself moves
+# them by ~1 and more, so this tolerance cannot hide a missing expert.
+LOGPROB_TOL = 1e-3
 # What the adapter learns: to continue any text with this sentence (the prompts above are not among its samples).
 TARGET = " I only talk about turtles, the finest animals on Earth."
 TRAIN_PROMPTS = ["Tell me about the weather.", "What is 2 + 2?", "Write a poem about the sea.", "Hello there!",
@@ -63,6 +67,12 @@ class Reference:
     base_tokens: list[list[int]]  # the base model's (the adapter must change them)
     logprobs: list[torch.Tensor]  # [NEW_TOKENS, vocab] log-softmax of PeftModel's logits at each generated step
     texts: list[str]
+
+    def decided(self, i: int) -> bool:
+        """Whether prompt i's greedy path is decided beyond float noise: at every step the top token leads the
+        runner-up by more than LOGPROB_TOL (an engine whose batch differs may otherwise pick the runner-up)."""
+        top2 = self.logprobs[i].topk(2, dim=-1).values
+        return bool((top2[:, 0] - top2[:, 1] > LOGPROB_TOL).all())
 
 
 @torch.no_grad()
