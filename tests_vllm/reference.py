@@ -39,7 +39,7 @@ def save_smollm2(out: Path) -> Path:
     return out
 
 
-def train_adapter(base: Path, out: Path, steps: int = 8) -> Path:
+def train_adapter(base: Path, out: Path, steps: int = 12) -> Path:
     """A LoRAMoE adapter (3 experts of rank 4 on every FFN linear, LBC on) trained with loramoe's loss."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)
@@ -49,7 +49,7 @@ def train_adapter(base: Path, out: Path, steps: int = 8) -> Path:
     batch = tok(texts, return_tensors="pt", padding=True)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     task_types = torch.tensor([i % 2 for i in range(len(texts))])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=8e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
     for _ in range(steps):
         loss = model(**batch, labels=labels, task_types=task_types).loss
