@@ -22,6 +22,10 @@ PROMPTS = [
     "The three primary colors are",
 ]
 NEW_TOKENS = 32
+# Largest difference allowed between vLLM's and PEFT's log-probabilities (fp32). Both sum the same products in a
+# different order (vLLM's fused [router; A] GEMM, its own attention kernels); seen: 7e-5. The adapter itself moves
+# them by ~1 and more, so this tolerance cannot hide a missing expert.
+LOGPROB_TOL = 1e-3
 # What the adapter learns: to continue any text with this sentence (the prompts above are not among its samples).
 TARGET = " I only talk about turtles, the finest animals on Earth."
 TRAIN_PROMPTS = ["Tell me about the weather.", "What is 2 + 2?", "Write a poem about the sea.", "Hello there!",
@@ -35,7 +39,7 @@ def save_smollm2(out: Path) -> Path:
     return out
 
 
-def train_adapter(base: Path, out: Path, steps: int = 8) -> Path:
+def train_adapter(base: Path, out: Path, steps: int = 12) -> Path:
     """A LoRAMoE adapter (3 experts of rank 4 on every FFN linear, LBC on) trained with loramoe's loss."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)
@@ -45,7 +49,7 @@ def train_adapter(base: Path, out: Path, steps: int = 8) -> Path:
     batch = tok(texts, return_tensors="pt", padding=True)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     task_types = torch.tensor([i % 2 for i in range(len(texts))])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=8e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
     for _ in range(steps):
         loss = model(**batch, labels=labels, task_types=task_types).loss
@@ -63,6 +67,12 @@ class Reference:
     base_tokens: list[list[int]]  # the base model's (the adapter must change them)
     logprobs: list[torch.Tensor]  # [NEW_TOKENS, vocab] log-softmax of PeftModel's logits at each generated step
     texts: list[str]
+
+    def decided(self, i: int) -> bool:
+        """Whether prompt i's greedy path is decided beyond float noise: at every step the top token leads the
+        runner-up by more than LOGPROB_TOL (an engine whose batch differs may otherwise pick the runner-up)."""
+        top2 = self.logprobs[i].topk(2, dim=-1).values
+        return bool((top2[:, 0] - top2[:, 1] > LOGPROB_TOL).all())
 
 
 @torch.no_grad()

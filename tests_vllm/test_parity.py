@@ -11,12 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwe
 
 import loramoe
 from conftest import generate
-from reference import NEW_TOKENS, PROMPTS
-
-# Largest difference allowed between vLLM's and PEFT's log-probabilities (fp32). Both sum the same products in a
-# different order (vLLM's fused [router; A] GEMM, its own attention kernels); seen: 7e-5. The adapter itself moves
-# them by ~1 and more, so this tolerance cannot hide a missing expert.
-LOGPROB_TOL = 1e-3
+from reference import LOGPROB_TOL, NEW_TOKENS, PROMPTS
 
 
 def test_greedy_tokens_and_logprobs_equal_peft(smollm2, adapter, reference, tmp_path):

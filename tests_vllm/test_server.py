@@ -61,11 +61,15 @@ def test_server_answers_completions_with_the_reference_text(smollm2, adapter, re
     try:
         _wait_until_up(proc, port, log)
         assert f"--host 127.0.0.1 --port {port}" in log.read_text()
-        for prompt, text in zip(PROMPTS, reference.texts):
-            answer = _post(f"http://127.0.0.1:{port}/v1/completions",
-                           {"model": adapter.name, "prompt": prompt, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS,
-                            "temperature": 0})  # fmt: skip
-            assert answer["choices"][0]["text"] == text
+        # All prompts in one request (one batch, as in the parity test); compared where PEFT's greedy path is decided
+        # beyond the stated log-probability tolerance (a near tie may go either way in another batch).
+        answer = _post(f"http://127.0.0.1:{port}/v1/completions",
+                       {"model": adapter.name, "prompt": PROMPTS, "max_tokens": NEW_TOKENS, "min_tokens": NEW_TOKENS,
+                        "temperature": 0})  # fmt: skip
+        texts = {c["index"]: c["text"] for c in answer["choices"]}
+        decided = [i for i in range(len(PROMPTS)) if reference.decided(i)]
+        assert len(decided) >= 3, f"only prompts {decided} have a decided greedy path"
+        assert [texts[i] for i in decided] == [reference.texts[i] for i in decided]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
