@@ -9,13 +9,8 @@ Python API::
 Data order is a pure function of the seed and the step: the sample stream is the concatenation of one seeded
 permutation per epoch, and optimizer step t on rank p reads a fixed slice of it. That is what makes resuming
 exact (no sampler state to save) and makes N processes x batch b equal to 1 process x batch b x N accumulation.
-The learning rate is one too (of the schedule settings and the step), so a resume applies the settings given now:
-
-- settings in `RESUME_INVARIANTS` (and the training samples themselves) fix what a checkpoint's step means; a
-  resume with any of them changed is refused, listing each;
-- every other setting (lr, weight decay, schedule, warm-up, max_steps / epochs, LBC weight, clipping, saving,
-  evaluation...) applies from the resume step on: step t then runs as it would in a run started with the new
-  settings; what changed is printed and logged as a ``resume`` event in metrics.jsonl.
+The learning rate is one too (of the schedule settings and the step), so a resume applies the settings given
+now, except those that fix what a step means (`loramoe.resume`). Settings: `loramoe.train_config`.
 
 Checkpoints, and which one is "known good", are `loramoe.checkpoint`'s; the output folder rule is
 `loramoe.outputs`'s.
@@ -25,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
-import re
 import time
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +43,8 @@ from .checkpoint import (
     save_model,
 )
 from .data import (
-    FINGERPRINT_VERSION,
     InstructionCollator,
     InstructionDataset,
-    check_task_type_names,
     default_cache_dir,
     load_instruction_data,
 )
@@ -63,232 +53,8 @@ from .loading import model_folder
 from .outputs import OutputDir, write_json, write_text
 from .packing import PackingCollator, check_packing_supported, real_tokens
 from .quantization import COMPUTE_DTYPES, QUANTIZE, prepare_for_training
-from .quantization import check_options as check_quantization
-
-METHODS = ("loramoe", "lora", "full")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-# Settings that fix what a checkpoint's step means (with the training samples' fingerprint, the batch layout
-# and the adapter's shape and scale); resuming with other values would not continue the same run.
-RESUME_INVARIANTS = (
-    "method", "data", "data_split", "seed", "max_seq_len", "grad_accum", "num_experts", "r", "lora_alpha",
-    "knowledge_experts", "target_modules", "quantize", "bnb_compute_dtype",
-)  # fmt: skip
-# How to run, not what to train: never compared on resume.
-RUN_CONTROLS = ("resume", "overwrite", "progress", "cache_dir", "num_proc")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs. Field names are the YAML keys; CLI flags are the same with dashes."""
-
-    model: str = field(default="smollm2", metadata={"help": "base model: HF directory, .gguf file, or 'smollm2'"})
-    data: list[Any] = field(default_factory=list, metadata={
-        "help": "training data, PATH or PATH:WEIGHT: JSON (lines), a save_to_disk folder, .parquet, .arrow, a Hub id"})
-    data_split: str | None = field(default=None, metadata={
-        "help": "split of the DatasetDict folders / Hub ids in --data (None: 'train')"})
-    output_dir: str = field(default="runs/loramoe", metadata={"help": "where adapters, checkpoints, metrics go"})
-    method: str = field(default="loramoe", metadata={"help": "loramoe | lora (rank N*r) | full"})
-    # LoRAMoE and its LBC (see LoraMoeConfig); `lora` uses r * num_experts, lora_alpha, lora_dropout
-    num_experts: int = field(default=6, metadata={"help": "N, experts per adapted linear"})
-    r: int = field(default=4, metadata={"help": "rank of each expert"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "scale numerator (branch scale alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter branch"})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "module suffixes (default: FFN)"})
-    knowledge_experts: int | None = field(default=None, metadata={"help": "K, knowledge experts (default N//2)"})
-    blc_alpha: float = field(default=0.1, metadata={"help": "LBC delta"})
-    blc_weight: float = field(default=0.1, metadata={"help": "LBC beta (0 turns the LBC off)"})
-    blc_mode: str = field(default="own_group", metadata={"help": "own_group | reference"})
-    blc_count_padding: bool = field(default=False, metadata={"help": "count padding in LBC (reference code)"})
-    # data
-    task_type_names: dict[str, int] = field(default_factory=dict, metadata={"help": "NAME=TYPE, e.g. cbqa=1 nli=0"})
-    max_seq_len: int = field(default=1024, metadata={"help": "longest sample, in tokens"})
-    packing: bool = field(default=False, metadata={"help": "pack each micro-batch's samples into rows of up to "
-                          "max_seq_len tokens (attention and LBC stay per sample; same result as padding)"})  # fmt: skip
-    fit_prompt: bool = field(default=True, metadata={"help": "cut an over-long prompt in its middle so the "
-                             "response fits (--no-fit-prompt: cut the sample's end and refuse a record whose "
-                             "response is cut away entirely)"})  # fmt: skip
-    skip_bad: bool = field(default=False, metadata={"help": "skip bad records (reported) instead of failing"})
-    cache_dir: str | None = field(default=None, metadata={"help": "token cache folder (None: $LORAMOE_CACHE, "
-                                  "else $XDG_CACHE_HOME/loramoe/data, else ~/.cache/loramoe/data)"})  # fmt: skip
-    num_proc: int = field(default=1, metadata={"help": "worker processes that tokenise data not yet in the cache"})
-    eval_file: str | None = field(default=None, metadata={"help": "held-out instruction data for eval loss (as --data)"})
-    eval_split: str | None = field(default=None, metadata={
-        "help": "split of --eval-file when it is a DatasetDict folder or Hub id (needed when it has several)"})
-    # optimisation
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps for linear warm-up"})
-    scheduler: str = field(default="cosine", metadata={"help": "cosine | linear | constant (after warm-up)"})
-    batch_size: int = field(default=8, metadata={"help": "samples per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (overrides epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the (weighted) data"})
-    seed: int = field(default=42, metadata={"help": "seed for adapter init, data order and dropout"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (weights stay fp32)"})
-    dtype: str = field(default="float32", metadata={"help": "dtype of the frozen base's weights (adapters and "
-                       "optimizer states stay fp32; the experts compute in the base's dtype)"})  # fmt: skip
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (non-reentrant)"})
-    compile: bool = field(default=False, metadata={
-        "help": "torch.compile the model's forward and backward (the first steps, and the first of each new "
-                "sequence length, wait for compilation)"})  # fmt: skip
-    fsdp: bool = field(default=False, metadata={"help": "shard with torch FSDP2 (per decoder block); multi-process"})
-    deepspeed: str | None = field(default=None, metadata={
-        "help": "DeepSpeed ZeRO-2/3 config JSON (e.g. examples/deepspeed/zero2.json); launch with torchrun"})
-    quantize: str | None = field(default=None, metadata={"help": "frozen base in nf4 | fp4 | int8 (bitsandbytes, QLoRA)"})
-    bnb_compute_dtype: str | None = field(default=None, metadata={"help": "dtype of 4-bit matmuls (default: float32)"})
-    # bookkeeping
-    save_every: int = field(default=0, metadata={"help": "checkpoint every k steps (0 = only the final save)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints to keep"})
-    eval_every: int = field(default=0, metadata={"help": "eval every k steps (0 = only at the end)"})
-    eval_batch_size: int | None = field(default=None, metadata={"help": "eval micro-batch (default batch_size)"})
-    log_every: int = field(default=1, metadata={"help": "write metrics every k steps"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
-    overwrite: bool = field(default=False, metadata={"help": "discard an earlier run in output_dir"})
-
-    def __post_init__(self) -> None:
-        self.data = list(self.data) if isinstance(self.data, (list, tuple)) else [self.data]
-        for f in dataclasses.fields(self):
-            expected = _expected_type(f.name, getattr(self, f.name))
-            if expected:
-                raise ConfigError(f.name, getattr(self, f.name), expected)
-        checks = [
-            (self.method in METHODS, "method", f"one of {METHODS}"),
-            (self.scheduler in SCHEDULERS, "scheduler", f"one of {tuple(SCHEDULERS)}"),
-            (self.blc_mode in ("own_group", "reference"), "blc_mode", "'own_group' or 'reference'"),
-            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
-            (self.grad_accum >= 1, "grad_accum", "an integer >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1 or None"),
-            (math.isfinite(self.epochs) and self.epochs > 0, "epochs", "a finite number > 0"),
-            (math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)"),
-            (self.max_seq_len >= 2, "max_seq_len", "an integer >= 2"),
-            (self.num_proc >= 1, "num_proc", "an integer >= 1"),
-            (self.save_every >= 0, "save_every", "an integer >= 0"),
-            (self.keep_last >= 1, "keep_last", "an integer >= 1"),
-            (self.eval_every >= 0, "eval_every", "an integer >= 0"),
-            (self.log_every >= 1, "log_every", "an integer >= 1"),
-            (self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0"),
-            (self.dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}"),
-        ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise ConfigError(key, getattr(self, key), expected)
-        check_task_type_names(self.task_type_names)
-        check_quantization(self.quantize, self.bnb_compute_dtype)
-        if self.compile and (self.fsdp or self.deepspeed):
-            raise ValueError(f"compile: not supported with {'--fsdp' if self.fsdp else '--deepspeed'} (expected one "
-                             "of them; torch.compile of a sharded model is untested here)")
-        if self.quantize and (self.method == "full" or self.fsdp or self.deepspeed):
-            other = "--fsdp" if self.fsdp else "--deepspeed" if self.deepspeed else "method full"
-            raise ValueError(f"quantize: {self.quantize!r} with {other} (expected method loramoe or lora without "
-                             "--fsdp or --deepspeed: a quantized base is frozen and not sharded here)")
-        if self.fsdp and self.deepspeed:
-            raise ValueError("fsdp: --fsdp and --deepspeed both shard (expected one of them)")
-        if self.packing and self.blc_count_padding:
-            raise ValueError("packing: set together with blc_count_padding (expected one of them: the reference "
-                             "formula counts each sample's padding positions, which a packed row does not have)")
-        self._check_dtype()
-
-    def _check_dtype(self) -> None:
-        if self.dtype == "float32":
-            return
-        if self.method == "full":
-            raise ValueError(f"dtype: {self.dtype!r} with method full (expected float32: full fine-tuning updates the "
-                             "base's own weights, and AdamW steps on half-precision weights round small updates "
-                             "away; use --bf16 autocast)")  # fmt: skip
-        if self.quantize:
-            raise ValueError(f"dtype: {self.dtype!r} with quantize {self.quantize!r} (expected float32: a quantized "
-                             "base keeps its unquantized parts in fp32; set the 4-bit matmuls' precision with "
-                             "--bnb-compute-dtype)")  # fmt: skip
-        if self.deepspeed:
-            raise ValueError(f"dtype: {self.dtype!r} with --deepspeed (expected float32: DeepSpeed sets the weights' "
-                             "dtype itself, ZeRO-3 already while the model loads; --bf16 gives bf16 weights with fp32 "
-                             "master copies of the trained ones)")  # fmt: skip
-        if self.dtype == "float16" and self.bf16:
-            raise ValueError("dtype: 'float16' with --bf16 (expected one of them: bf16 autocast would run a float16 "
-                             "base in bfloat16)")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Fields from a YAML mapping, then ``overrides`` (e.g. CLI flags) on top. A number is read as users write
-        it (``lr: 5e-3`` is 5e-3, though YAML 1.1 makes it a string); a wrong value names the file and key."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.load(f, Loader=_ConfigLoader) or {}
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}; expected a YAML file)") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            reason = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise ValueError(f"{where}: not valid YAML ({reason}; expected a mapping of TrainConfig fields)") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(values).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known, key=str)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(known)}.")
-        try:
-            return cls(**{**values, **overrides})
-        except ConfigError as e:
-            if e.key in values and e.key not in overrides:  # the file's value: name the file and its key
-                raise ConfigError(e.key, e.value, e.expected, path) from None
-            raise
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-
-class ConfigError(ValueError):
-    """A TrainConfig field with a value it cannot have; given ``path``, a value read from that YAML file."""
-
-    def __init__(self, key: str, value: Any, expected: str, path: str | Path | None = None) -> None:
-        self.key, self.value, self.expected = key, value, expected
-        if path is None:
-            super().__init__(f"TrainConfig.{key}={value!r} is invalid: expected {expected}.")
-            return
-        quoted = isinstance(value, str) and not expected.startswith(("a string", "one of", "'"))
-        unquote = quoted and re.fullmatch(r"[-+]?[0-9._]+([eE][-+]?[0-9]+)?", value.strip())
-        super().__init__(f"{path}: {key}: {value!r} is {'a string' if quoted else 'invalid'} (expected {expected}"
-                         f"{'; write it without quotes' if unquote else ''})")  # fmt: skip
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``5e-3`` and ``1e-5`` are numbers (YAML 1.2): YAML 1.1, which PyYAML follows,
-    reads a number without a dot as a string, and this is how learning rates are written."""
-
-
-_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                    list("-+0123456789"))  # fmt: skip
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number such as 5e-3", str: "a string",
-               list: "a list", dict: "a mapping (NAME: VALUE)"}  # fmt: skip
-
-
-@functools.cache
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _expected_type(name: str, value: Any) -> str | None:
-    """What field ``name`` takes, when ``value`` is not of that type (``None``: it is). An int is a float here,
-    a bool is neither, a path is a string; ``data`` takes one spec or a list (see `loramoe.data.parse_data_spec`)."""
-    hint = _field_types()[name]
-    kinds = [typing.get_origin(t) or t for t in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
-             types.UnionType) else (hint,))]  # fmt: skip
-    if name == "data" or (value is None and type(None) in kinds) or Any in kinds:
-        return None
-    for kind in kinds:
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return None
-        if kind is str and isinstance(value, os.PathLike):
-            return None
-        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return None
-    return " or ".join([_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds if k is not type(None)]
-                       + (["null"] if type(None) in kinds else []))  # fmt: skip
+from .resume import resume
+from .train_config import DTYPES, METHODS, RESUME_INVARIANTS, SCHEDULERS, TrainConfig
 
 
 @dataclass
@@ -444,53 +210,6 @@ def _check_step_size(cfg: TrainConfig, samples: int, acc: Any) -> None:
     acc.print(f"warning: batch_size: {what} (max_steps {cfg.max_steps}: {cfg.max_steps * per_step / samples:.3g} epochs)")
 
 
-def _stopped_at(metrics: Path) -> int | None:
-    """After a non-finite loss: the step of the known-good checkpoint the run named (0: none), else None."""
-    if not metrics.exists():
-        return None
-    lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-    last = _record(lines[-1]) if lines else {}
-    return last.get("resume_from_step") if last.get("event") == "non_finite_loss" else None
-
-
-def _changed(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    return {k: (saved[k], v) for k, v in now.items() if k in saved and k not in RUN_CONTROLS and saved[k] != v}
-
-
-def _describe_changes(changed: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-
-
-def _apply_schedule(optimizer: Any, scheduler: Any, cfg: TrainConfig, step: int, decays: list[bool]) -> None:
-    """Put the configured lr and weight decay into the optimizer (a loaded optimizer state brings the saved
-    ones) and move the schedule to ``step``: the lr is then what a run started with these settings has there.
-    ``decays``: whether each group takes weight decay (see `optimizer_groups`)."""
-    groups = getattr(optimizer, "optimizer", optimizer).param_groups
-    for group, decay in zip(groups, decays, strict=True):
-        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay if decay else 0.0
-    scheduler.base_lrs = [cfg.lr for _ in groups]
-    scheduler.last_epoch = step - 1
-    scheduler.step()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the killed run got further than it), and a
-    line cut short."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if (record := _record(ln)) and record.get("step", 0) <= step]
-    write_text(path, "".join(ln + "\n" for ln in lines))
-
-
-def _record(line: str) -> dict[str, Any]:
-    """A line of metrics.jsonl; ``{}`` for one cut short (a write that failed, e.g. on a full disk)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _evaluate(model: nn.Module, data: InstructionDataset, collate: InstructionCollator | PackingCollator, cfg: TrainConfig,
               acc: Any) -> dict:
     """Token-weighted LM loss over the eval file (sharded over processes), and the mean LBC for loramoe.
@@ -590,13 +309,55 @@ def compile_model(model: nn.Module, acc: Any, checkpointing: bool = False) -> No
     inner.compile()
 
 
+def _load_data(cfg: TrainConfig, tokenizer: Any, acc: Any) -> tuple[InstructionDataset, InstructionDataset | None]:
+    """The training and eval samples, through the shared token cache (`loramoe.data`), each task-type name used."""
+    rank = f"[rank {acc.process_index}] " if acc.num_processes > 1 else ""
+    load = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, task_type_names=cfg.task_type_names,
+                skip_bad=cfg.skip_bad, seed=cfg.seed, fit_prompt=cfg.fit_prompt, num_proc=cfg.num_proc,
+                cache_dir=cfg.cache_dir or default_cache_dir(), log=lambda line: print(rank + line))  # fmt: skip
+    data = load_instruction_data(cfg.data, split=cfg.data_split, **load)
+    eval_data = (load_instruction_data([cfg.eval_file], split=cfg.eval_split, default_split=None, **load)
+                 if cfg.eval_file else None)  # fmt: skip
+    acc.print(f"data: {data.report.summary()}")
+    if eval_data is not None:
+        acc.print(f"eval data: {eval_data.report.summary()}")
+    unused = sorted(set(cfg.task_type_names) - data.report.names_used
+                    - (eval_data.report.names_used if eval_data else set()))  # fmt: skip
+    if unused:
+        raise ValueError(f"task_type_names: {unused} name(s) no record's task_type (expected names that "
+                         "appear as 'task_type' in the --data or --eval-file records)")  # fmt: skip
+    return data, eval_data
+
+
+def _build_model(cfg: TrainConfig, model: nn.Module | None, acc: Any) -> nn.Module:
+    """The base (loaded unless given) in the run's dtype or quantization, with its adapters and training switches."""
+    from .loading import load_base_model
+
+    if model is None:
+        model = load_base_model(cfg.model, dtype=DTYPES[cfg.dtype], quantize=cfg.quantize,
+                                bnb_compute_dtype=cfg.bnb_compute_dtype, device=acc.device if cfg.quantize else None)  # fmt: skip
+    _check_base_dtype(model, cfg)
+    if cfg.packing:  # transformers reads the samples of a packed row from position_ids only without a KV cache
+        check_packing_supported(model)
+        model.config.use_cache = False
+    model = prepare_model(prepare_for_training(model, cfg.method, cfg.quantize, cfg.bnb_compute_dtype), cfg)
+    if cfg.gradient_checkpointing:  # non-reentrant: reentrant checkpointing would drop the LBC's gradient
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    return model
+
+
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> TrainResult:
     """Run (or resume) a training run; see the module docstring. ``model``/``tokenizer`` may be given in memory
     (a base model, or a ready PeftModel); then ``cfg.model`` is only recorded."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from .loading import load_base_model, load_tokenizer
+    from .loading import load_tokenizer
 
     if not cfg.data:
         raise ValueError("TrainConfig.data is empty: give at least one instruction file (--data FILE).")
@@ -608,40 +369,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        rank = f"[rank {acc.process_index}] " if acc.num_processes > 1 else ""
-        load = dict(tokenizer=tokenizer, max_seq_len=cfg.max_seq_len, task_type_names=cfg.task_type_names,
-                    skip_bad=cfg.skip_bad, seed=cfg.seed, fit_prompt=cfg.fit_prompt, num_proc=cfg.num_proc,
-                    cache_dir=cfg.cache_dir or default_cache_dir(), log=lambda line: print(rank + line))  # fmt: skip
-        data = load_instruction_data(cfg.data, split=cfg.data_split, **load)
-        eval_data = (load_instruction_data([cfg.eval_file], split=cfg.eval_split, default_split=None, **load)
-                     if cfg.eval_file else None)  # fmt: skip
-        acc.print(f"data: {data.report.summary()}")
-        if eval_data is not None:
-            acc.print(f"eval data: {eval_data.report.summary()}")
-        unused = sorted(set(cfg.task_type_names) - data.report.names_used
-                        - (eval_data.report.names_used if eval_data else set()))  # fmt: skip
-        if unused:
-            raise ValueError(f"task_type_names: {unused} name(s) no record's task_type (expected names that "
-                             "appear as 'task_type' in the --data or --eval-file records)")  # fmt: skip
+        data, eval_data = _load_data(cfg, tokenizer, acc)
         _check_step_size(cfg, len(data), acc)
         pad = tokenizer.pad_token_id
         collate = PackingCollator(pad, cfg.max_seq_len) if cfg.packing else InstructionCollator(pad)
 
-        if model is None:
-            model = load_base_model(cfg.model, dtype=DTYPES[cfg.dtype], quantize=cfg.quantize,
-                                    bnb_compute_dtype=cfg.bnb_compute_dtype, device=acc.device if cfg.quantize else None)  # fmt: skip
-        _check_base_dtype(model, cfg)
-        if cfg.packing:  # transformers reads the samples of a packed row from position_ids only without a KV cache
-            check_packing_supported(model)
-            model.config.use_cache = False
-        model = prepare_model(prepare_for_training(model, cfg.method, cfg.quantize, cfg.bnb_compute_dtype), cfg)
-        if cfg.gradient_checkpointing:  # non-reentrant: reentrant checkpointing would drop the LBC's gradient
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            model.config.use_cache = False
+        model = _build_model(cfg, model, acc)
         model.train()
         sharded = engines.check_engine(cfg, acc)
         if cfg.compile:
@@ -670,55 +403,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         # the samples' sha256 (tokens, labels, task types, order) from the cache: whatever produced them
         invariants.update(global_micro_batch=cfg.batch_size * world, data_fingerprint=data.fingerprint())
 
-        def check(path: Path, state: dict[str, Any]) -> None:
-            saved = state.setdefault("invariants", {})
-            if not str(saved.get("data_fingerprint", f"{FINGERPRINT_VERSION}:")).startswith(f"{FINGERPRINT_VERSION}:"):
-                del saved["data_fingerprint"]  # hashed otherwise before the token cache: not comparable, unrecorded
-            changed = {k: (saved[k], v) for k, v in invariants.items() if k in saved and saved[k] != v}
-            if changed:
-                note = (" (data_fingerprint: the training samples differ: a --data file changed, or a setting that "
-                        "shapes them: --max-seq-len, --fit-prompt, --task-type-names, --skip-bad)"
-                        if "data_fingerprint" in changed else "")  # fmt: skip
-                raise ValueError(
-                    f"{path}: cannot resume: settings changed since it was written that fix what its step means: "
-                    f"{_describe_changes(changed)}{note} (expected the saved values, or --overwrite to start again)"
-                )
-            if state["step"] >= total_steps:
-                raise ValueError(f"max_steps: the run would end at step {total_steps}, but {path} is at step "
-                                 f"{state['step']} (expected more steps than the checkpoint's; its adapter/ folder "
-                                 "holds the weights of that step)")  # fmt: skip
-
-        start_step, resumed_from, tokens_seen, unconfirmed = 0, None, 0, None
-        metrics_log = out / "metrics.jsonl"
-        found = ckpt.resume(model, optimizer, check, upto=_stopped_at(metrics_log)) if cfg.resume else None
-        if found is not None:
-            path, state = found
-            unconfirmed = path  # if it was written just before the run stopped, the next step confirms it
-            start_step = resumed_from = state["step"]
-            tokens_seen = state["tokens_seen"]
-            if "stability" in state:
-                watch.load_state_dict(state["stability"])
-            _apply_schedule(optimizer, scheduler, cfg, start_step, decays)
-            changed = _changed(state.get("config", {}), cfg.to_dict())
-            if acc.is_main_process:
-                _truncate_metrics(metrics_log, start_step)
-                if changed:
-                    event = {"step": start_step, "event": "resume", "checkpoint": str(path),
-                             "changed": {k: list(v) for k, v in changed.items()}}  # fmt: skip
-                    with open(metrics_log, "a") as f:
-                        f.write(json.dumps(event) + "\n")
-            acc.print(f"resumed from {path} (step {start_step} of {total_steps})")
-            if changed:
-                acc.print(f"resume: settings changed since {path.name}, applied from step {start_step + 1}: "
-                          f"{_describe_changes(changed)}")  # fmt: skip
-            unrecorded = sorted(set(invariants) - set(state.get("invariants", {})))
-            if unrecorded:  # written by an older loramoe: resumable, but these cannot be checked
-                acc.print(f"warning: {path} does not record {', '.join(unrecorded)} (written by an older loramoe), so "
-                          "they were not checked: the run continues as if they were the settings given now")  # fmt: skip
-        elif cfg.resume:
-            acc.print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from step 0")
-            if acc.is_main_process:
-                _truncate_metrics(metrics_log, 0)
+        resumed = resume(cfg, out, ckpt, model, optimizer, scheduler, acc, watch, invariants, total_steps, decays)
+        start_step, tokens_seen, unconfirmed = resumed.step, resumed.tokens_seen, resumed.unconfirmed
         if acc.is_main_process:
             report = data.report.to_dict()
             if eval_data is not None:
@@ -814,7 +500,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         result = TrainResult(
             output_dir=out, steps=total_steps, train_seconds=train_seconds, tokens_per_s=tokens_per_s,
             metrics={**metrics, **last_eval}, trainable_params=trainable,
-            total_params=total_params, model=final, tokenizer=tokenizer, resumed_from=resumed_from,
+            total_params=total_params, model=final, tokenizer=tokenizer, resumed_from=resumed.from_step,
         )  # fmt: skip
         if acc.is_main_process:
             summary = {f.name: getattr(result, f.name) for f in dataclasses.fields(result) if f.name not in ("model", "tokenizer")}
