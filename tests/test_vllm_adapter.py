@@ -149,6 +149,15 @@ def test_serve_refuses_a_gguf_base(adapter, tmp_path):
         serve.serve_command(str(tmp_path / "model.gguf"), str(adapter))
 
 
+@pytest.mark.parametrize("make", [lambda d: d / "missing", lambda d: (d / "empty").mkdir() or d / "empty"])
+def test_serve_names_only_what_it_accepts_for_a_bad_base(adapter, tmp_path, make):
+    """A missing base or one without config.json: the refusal asks for a folder, never for the GGUF file that
+    `loramoe train` accepts but vLLM does not."""
+    with pytest.raises(FileNotFoundError, match="expected a Hugging Face model folder, which vLLM") as e:
+        serve.serve_command(str(make(tmp_path)), str(adapter))
+    assert "gguf" not in str(e.value)
+
+
 def test_serve_without_vllm_is_one_line(adapter, llama_dir, monkeypatch, capsys):
     monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
     assert cli.main(["serve", "--base", str(llama_dir), "--adapter", str(adapter)]) == 1

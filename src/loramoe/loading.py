@@ -40,15 +40,16 @@ def model_folder(name_or_path: str) -> Path | None:
     return (path.parent if path.is_file() else path) if path.exists() else None
 
 
-def local_model_path(name_or_path: str, needs: tuple[str, ...] = ("config.json",)) -> Path:
-    """The local file or folder ``name_or_path`` names; a folder must hold one of ``needs``."""
+def local_model_path(name_or_path: str, needs: tuple[str, ...] = ("config.json",), expected: str = MODEL_EXPECTED) -> Path:
+    """The local file or folder ``name_or_path`` names; a folder must hold one of ``needs``. ``expected`` ends
+    each refusal: what the caller accepts (a server that loads folders only says so)."""
     path = Path(resolve_model_path(name_or_path))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found ({MODEL_EXPECTED}; nothing is downloaded)")
+        raise FileNotFoundError(f"{path}: not found ({expected}; nothing is downloaded)")
     if path.is_file() and path.suffix != ".gguf":
-        raise ValueError(f"{path}: is a file but not a .gguf file ({MODEL_EXPECTED})")
+        raise ValueError(f"{path}: is a file but not a .gguf file ({expected})")
     if path.is_dir() and not any((path / name).is_file() for name in needs):
-        raise FileNotFoundError(f"{path}: the folder has no {' or '.join(needs)} ({MODEL_EXPECTED})")
+        raise FileNotFoundError(f"{path}: the folder has no {' or '.join(needs)} ({expected})")
     return path
 
 

@@ -26,6 +26,7 @@ from ..loading import _loads, local_model_path
 from .adapter import ADAPTER_KEY, ARCHITECTURES, base_architecture, plan_adapter
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+BASE_EXPECTED = "expected a Hugging Face model folder, which vLLM loads as is"
 INSTALL_HINT = "see README 'Serve it': a venv of its own, pip install -e '.[vllm]' torch==2.13.0"
 
 
@@ -36,10 +37,9 @@ def serve_command(base: str, adapter: str, host: str = "127.0.0.1", port: int = 
     ``base`` (a Hugging Face model folder)."""
     from transformers import AutoConfig
 
-    base_path = local_model_path(base)
+    base_path = local_model_path(base, expected=BASE_EXPECTED)
     if base_path.suffix == ".gguf":
-        raise ValueError(f"{base_path}: a GGUF file (expected a Hugging Face model folder, which vLLM loads as is; "
-                         "README 'Serve it' shows how to save one)")  # fmt: skip
+        raise ValueError(f"{base_path}: a GGUF file ({BASE_EXPECTED}; README 'Serve it' shows how to save one)")
     config = _loads(base_path, "model config", lambda: AutoConfig.from_pretrained(str(base_path)))
     arch = ARCHITECTURES[base_architecture(config)]
     plan = plan_adapter(adapter, config)
