@@ -309,6 +309,18 @@ def _run(method, scale, seed, wk, ds, share=None, lr=None, right=None):
     return run
 
 
+def test_verdict_says_when_no_sft_run_fell_below_the_base():
+    """Every SFT run of the grid above the base: the verdict names the lowest one as above it (it used to read
+    "forgot -4.4 points below the base")."""
+    runs = [_run("base", None, None, 0.5, 0.2), _run("sft", 4, 0, 0.6, 0.8, lr=1e-4), _run("sft", 4, 0, 0.55, 0.8, lr=1e-3)]
+    decisive = {"scale": 4, "seeds": [0], "level": 0.6, "lr": {"sft": 1e-4}}
+    raw = {"preset": "t", "seeds": [0], "scales": [4], "runs": runs, "data": {}, "steps": {},
+           "downstream_tasks": ["a", "b"], "wall_seconds": 1.0, "lr_grid": {}, "decisive": decisive}  # fmt: skip
+    text = "\n".join(verdict_lines(summarise(raw)))
+    assert "No SFT run of the grid fell below the base at the largest scale: the lowest is 5.0 points above it " \
+           "(lr 0.001)." in text and "forgot" not in text
+
+
 def test_summary_numbers_by_hand(tmp_path):
     runs = [_run("base", None, None, 0.8, 0.2)]
     runs += [_run("sft", s, seed, wk, 0.8, lr=1e-4, right=[1, 0, 0, 0])

@@ -326,8 +326,12 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
                      f"{curve}{base}.")  # fmt: skip
         if "sft_most_forgetting" in v:
             worst = v["sft_most_forgetting"]
-            lines.append(f"- The most any SFT run of the grid forgot at the largest scale: {100 * worst['points']:.1f} "
-                         f"points below the base (lr {worst['lr']:g}).")  # fmt: skip
+            if worst["points"] > 0:
+                lines.append(f"- The most any SFT run of the grid forgot at the largest scale: {100 * worst['points']:.1f} "
+                             f"points below the base (lr {worst['lr']:g}).")  # fmt: skip
+            else:  # every SFT run ended at or above the base: say so, not "forgot -4.4 points below"
+                lines.append(f"- No SFT run of the grid fell below the base at the largest scale: the lowest is "
+                             f"{abs(100 * worst['points']):.1f} points above it (lr {worst['lr']:g}).")  # fmt: skip
     for name in ("lora", "loramoe", "loramoe_lbc"):
         if name in m and "base" in m and "sft" in m:
             r = m[name]
