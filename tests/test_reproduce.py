@@ -321,6 +321,23 @@ def test_verdict_says_when_no_sft_run_fell_below_the_base():
            "(lr 0.001)." in text and "forgot" not in text
 
 
+def test_a_one_lr_grid_is_reported_as_given_not_chosen():
+    """`--lr-grid sft=2e-5` leaves validation nothing to choose from: the report must not call that lr validated."""
+    from loramoe.reproduce.forgetting import lr_basis
+    from loramoe.reproduce.report import to_markdown
+
+    runs = [_run("base", None, None, 0.5, 0.2), _run("sft", 4, 0, 0.6, 0.8, lr=2e-5)]
+    decisive = {"scale": 4, "seeds": [0], "level": 0.6, "lr": {"sft": 2e-5}}
+    raw = {"preset": "t", "seeds": [0], "scales": [4], "runs": runs, "data": {}, "steps": {},
+           "downstream_tasks": ["a", "b"], "wall_seconds": 1.0, "lr_grid": {"sft": [2e-5]}, "decisive": decisive}  # fmt: skip
+    text = to_markdown(summarise(raw))
+    assert "each method's lr given by a one-lr grid, not chosen on validation data: sft 2e-05)" in text
+    raw["lr_grid"] = {"sft": [1e-5, 2e-5]}
+    assert "each method's lr chosen on validation data: sft 2e-05)" in to_markdown(summarise(raw))
+    assert lr_basis({"sft": [1e-5, 2e-5], "lora": [5e-4], "loramoe": [5e-4]}) == \
+        "chosen on validation data (given by a one-lr grid, not chosen, for lora, loramoe)"
+
+
 def test_summary_numbers_by_hand(tmp_path):
     runs = [_run("base", None, None, 0.8, 0.2)]
     runs += [_run("sft", s, seed, wk, 0.8, lr=1e-4, right=[1, 0, 0, 0])

@@ -192,6 +192,17 @@ def mastery(raw: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> dict[str, 
 # ---- markdown ----------------------------------------------------------------------------------------------------
 
 
+def lr_basis(lr_grid: dict[str, Sequence[float]]) -> str:
+    """How each method's lr was set, for the report's text. A method with one lr in its grid (``--lr-grid sft=2e-5``)
+    had nothing to choose from, so its lr was given, not validated at that scale, and the report must say so."""
+    given = [m for m, lrs in lr_grid.items() if len(lrs) == 1]
+    if not given:
+        return "chosen on validation data"
+    if len(given) == len(lr_grid):
+        return "given by a one-lr grid, not chosen on validation data"
+    return f"chosen on validation data (given by a one-lr grid, not chosen, for {', '.join(given)})"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -215,9 +226,9 @@ def markdown(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     axis = report.get("scale_axis") or []
     if axis:
-        lines += ["## Knowledge against data scale, each scale at its own validated lrs", "",
-                  "At every data scale the lrs are chosen on validation data at that scale (the rule of the decisive "
-                  "setting). Knowledge: format-free exact match, % with a 95 % bootstrap interval over (seed, "
+        lines += ["## Knowledge against data scale, each scale at its own decisive lrs", "",
+                  f"At every data scale each method's lr is {lr_basis(report['lr_grid'])} at that scale (the rule of "
+                  "the decisive setting). Knowledge: format-free exact match, % with a 95 % bootstrap interval over (seed, "
                   "question), on the knowledge QA pool's test facts and, apart, on the out-of-pool facts; KL: mean "
                   "KL(base || tuned) per token on the format-free test prompts (nats).", "",
                   "| scale | method | lr | seeds | test facts | out-of-pool facts | downstream mean | KL |",
@@ -242,7 +253,7 @@ def markdown(report: dict[str, Any]) -> list[str]:
                   "more forgetting)."]  # fmt: skip
     mt = report.get("mastery")
     if mt:
-        lines += ["", f"## The mastery arm (x{mt['scale']:g}, each method at that scale's validated lr)", "",
+        lines += ["", f"## The mastery arm (x{mt['scale']:g}, each method at that scale's decisive lr)", "",
                   f"Knowledge QA drawn only from training facts the untouched base answers (known) or only from those "
                   f"it does not (unknown), {mt['facts_per_arm']} facts each, the same downstream data. Test facts "
                   f"split the same way by the base's stored answers: {mt['test_known']} known, {mt['test_unknown']} "
@@ -275,7 +286,7 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
             oop = ""
             if OUT_OF_POOL in a and OUT_OF_POOL in b:
                 oop = f"; out-of-pool {_ci(a[OUT_OF_POOL])} -> {_ci(b[OUT_OF_POOL])}"
-            lines.append(f"- {m} at its validated lr per scale (x{first['scale']:g} lr {a['lr']:g} -> x{last['scale']:g} "
+            lines.append(f"- {m} at its decisive lr per scale (x{first['scale']:g} lr {a['lr']:g} -> x{last['scale']:g} "
                          f"lr {b['lr']:g}): test facts {_ci(a.get(KNOWLEDGE_TASK))} -> {_ci(b.get(KNOWLEDGE_TASK))}{oop}; "
                          f"downstream {_pct(a['downstream_mean'])} -> {_pct(b['downstream_mean'])}.")  # fmt: skip
     if axis:
@@ -332,8 +343,8 @@ def plot_scaling(report: dict[str, Any], path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Each point: the method at the lr chosen on validation data at that scale (bars: 95 % interval over "
-                 "seeds and questions)", fontsize=9)  # fmt: skip
+    fig.suptitle(f"Each point: the method at its lr {lr_basis(report['lr_grid'])} at that scale (bars: 95 % "
+                 "interval over seeds and questions)", fontsize=9)  # fmt: skip
     fig.savefig(path)
     return path
 

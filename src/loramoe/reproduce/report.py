@@ -229,7 +229,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# LoRAMoE reproduction, preset `{report['preset']}`",
         "",
         f"Data scales {report['data_scales']} (downstream data x scale; knowledge QA fixed); grid seeds "
-        f"{report['seeds']}; the decisive setting (x{largest:g}, each method's lr chosen on validation data: "
+        f"{report['seeds']}; the decisive setting (x{largest:g}, each method's lr {forgetting.lr_basis(report['lr_grid'])}: "
         f"{_lrs(decisive['lr'])}) has seeds {decisive['seeds']}. Scores in % at the decisive setting, mean ± std over "
         "seeds. World knowledge = exact match on closed-book questions about facts seen in pre-training and never in "
         "fine-tuning, asked as a plain completion (format-free, the headline) and as the fine-tuning data asks "
