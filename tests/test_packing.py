@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 
+import loramoe
 from conftest import VOCAB, tiny_model
 from loramoe import LoraMoeConfig
 from loramoe.balance import importance, localized_balancing_loss, packed_importance
@@ -143,6 +144,26 @@ def test_lbc_of_packed_rows_is_per_sample():
     row_types = torch.tensor([items[int(r[0])]["task_type"] for r in packed["sample_index"]])
     lbc = localized_balancing_loss(q, packed["task_types"], 2, 0.1)
     assert (lbc - localized_balancing_loss(per_row, row_types, 2, 0.1)).abs() > 1e-3
+
+
+def test_routing_capture_of_packed_rows_is_per_sample():
+    """Captured on packed rows, each sample's routing shares and the overall ones are those of the padded batch:
+    a sample's own tokens, wherever they sit, and never the padding that ends a row."""
+    items = make_items()
+    model = loramoe_model("llama", "sdpa")
+    shares = []
+    for batch in (InstructionCollator(PAD)(items), PackingCollator(PAD, max_seq_len=16)(items)):
+        batch = {k: v for k, v in batch.items() if k not in ("labels", "task_types")}
+        with torch.no_grad(), loramoe.capture_routing(model) as rec:
+            model(**batch)
+        shares.append((rec.sample_shares(), rec.expert_shares()))
+    (per_sample_pad, overall_pad), (per_sample_pack, overall_pack) = shares
+    name = "model.layers.1.mlp.down_proj"
+    assert per_sample_pack[name].shape == per_sample_pad[name].shape == (len(items), 4)
+    for module in per_sample_pad:
+        torch.testing.assert_close(per_sample_pack[module], per_sample_pad[module], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(overall_pack[module], overall_pad[module], rtol=1e-5, atol=1e-6)
+    assert (per_sample_pad[name] - overall_pad[name]).abs().max() > 1e-3  # samples do route differently
 
 
 # ---- refusals --------------------------------------------------------------------------------------------------

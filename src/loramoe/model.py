@@ -42,36 +42,48 @@ def default_target_modules(model: nn.Module) -> set[str]:
 
 @dataclass
 class RoutingRecord:
-    """Router weights seen while capturing: per wrapped module, one fp32 tensor [batch, seq, N] per forward call.
+    """Router weights seen while capturing: per wrapped module, one fp32 tensor [rows, seq, N] per forward call.
 
-    ``attention_masks`` holds the mask of each call made through the model wrapper (``None`` when the call had
-    none), aligned with the per-module lists, so analyses can leave padding out.
+    ``attention_masks`` and ``sample_indices`` hold, per call made through the model wrapper, its 2-D attention
+    mask and, for a packed batch (`loramoe.packing`), its ``sample_index`` (``None`` where the call had none),
+    aligned with the per-module lists, so analyses count each sample's real tokens: a packed row holds several
+    samples and ends in padding that no mask marks.
     """
 
     weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     attention_masks: list[torch.Tensor | None] = field(default_factory=list)
+    sample_indices: list[torch.Tensor | None] = field(default_factory=list)
 
-    def _token_mask(self, call: int, weights: torch.Tensor) -> torch.Tensor:
-        """1 for real tokens of that call (all ones when it had no 2-D attention mask)."""
-        masks = self.attention_masks
-        mask = masks[call] if -len(masks) <= call < len(masks) else None
-        return torch.ones(weights.shape[:2]) if mask is None else mask.to(weights)
+    @staticmethod
+    def _of_call(entries: list[torch.Tensor | None], call: int) -> torch.Tensor | None:
+        return entries[call] if -len(entries) <= call < len(entries) else None
+
+    def _per_sample(self, call: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q [samples, N], the router weights summed over each sample's real tokens, and those token counts."""
+        sample_index = self._of_call(self.sample_indices, call)
+        if sample_index is not None:
+            samples = int(sample_index.max()) + 1
+            tokens = torch.bincount(sample_index[sample_index >= 0], minlength=samples).float()
+            return packed_importance(weights, sample_index, samples), tokens
+        mask = self._of_call(self.attention_masks, call)
+        mask = torch.ones(weights.shape[:2]) if mask is None else mask.to(weights)
+        return importance(weights, mask), mask.sum(dim=1).float()
 
     def sample_shares(self, call: int = -1) -> dict[str, torch.Tensor]:
-        """Per module, the mean router weight of each sample over its real tokens: [batch, N]."""
+        """Per module, the mean router weight of each sample over its real tokens: [samples, N]."""
         out = {}
         for name, calls in self.weights.items():
-            m = self._token_mask(call, calls[call])
-            out[name] = importance(calls[call], m) / m.sum(dim=1, keepdim=True).clamp_min(1)
+            q, tokens = self._per_sample(call, calls[call])
+            out[name] = q / tokens.clamp_min(1).unsqueeze(1)
         return out
 
     def expert_shares(self) -> dict[str, torch.Tensor]:
         """Per module, the mean router weight over every real token of every captured call: [N]."""
         totals = {}
         for name, calls in self.weights.items():
-            masks = [self._token_mask(i, w) for i, w in enumerate(calls)]
-            weighted = sum(importance(w, m).sum(dim=0) for w, m in zip(calls, masks))
-            totals[name] = weighted / max(sum(float(m.sum()) for m in masks), 1.0)
+            per_call = [self._per_sample(i, w) for i, w in enumerate(calls)]
+            weighted = sum(q.sum(dim=0) for q, _ in per_call)
+            totals[name] = weighted / max(sum(float(tokens.sum()) for _, tokens in per_call), 1.0)
         return totals
 
 
@@ -178,6 +190,7 @@ class LoraMoeModel(BaseTuner):
         capture = getattr(self, "_active_capture", None)
         if capture is not None:
             capture.attention_masks.append(self._mask_for(kwargs, detach=True))
+            capture.sample_indices.append(None if sample_index is None else sample_index.detach().cpu())
         try:
             out = self.model(*args, **kwargs)
         finally:
