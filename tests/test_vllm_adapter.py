@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -149,11 +150,16 @@ def test_serve_refuses_a_gguf_base(adapter, tmp_path):
         serve.serve_command(str(tmp_path / "model.gguf"), str(adapter))
 
 
-@pytest.mark.parametrize("make", [lambda d: d / "missing", lambda d: (d / "empty").mkdir() or d / "empty"])
+def _plain_file(d: Path) -> Path:
+    (d / "some.txt").write_text("not a model")
+    return d / "some.txt"
+
+
+@pytest.mark.parametrize("make", [lambda d: d / "missing", lambda d: (d / "empty").mkdir() or d / "empty", _plain_file])
 def test_serve_names_only_what_it_accepts_for_a_bad_base(adapter, tmp_path, make):
-    """A missing base or one without config.json: the refusal asks for a folder, never for the GGUF file that
-    `loramoe train` accepts but vLLM does not."""
-    with pytest.raises(FileNotFoundError, match="expected a Hugging Face model folder, which vLLM") as e:
+    """A missing base, one without config.json or a plain file: the refusal asks for a folder, never for the GGUF
+    file that `loramoe train` accepts but vLLM does not."""
+    with pytest.raises((FileNotFoundError, ValueError), match="expected a Hugging Face model folder, which vLLM") as e:
         serve.serve_command(str(make(tmp_path)), str(adapter))
     assert "gguf" not in str(e.value)
 

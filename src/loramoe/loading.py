@@ -40,14 +40,17 @@ def model_folder(name_or_path: str) -> Path | None:
     return (path.parent if path.is_file() else path) if path.exists() else None
 
 
-def local_model_path(name_or_path: str, needs: tuple[str, ...] = ("config.json",), expected: str = MODEL_EXPECTED) -> Path:
-    """The local file or folder ``name_or_path`` names; a folder must hold one of ``needs``. ``expected`` ends
-    each refusal: what the caller accepts (a server that loads folders only says so)."""
+def local_model_path(name_or_path: str, needs: tuple[str, ...] = ("config.json",), expected: str = MODEL_EXPECTED,
+                     file_suffixes: tuple[str, ...] = (".gguf",)) -> Path:
+    """The local file or folder ``name_or_path`` names; a folder must hold one of ``needs``, a file must end in one
+    of ``file_suffixes``. ``expected`` ends each refusal: what the caller accepts (a server that loads folders
+    only passes no suffix and says so)."""
     path = Path(resolve_model_path(name_or_path))
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found ({expected}; nothing is downloaded)")
-    if path.is_file() and path.suffix != ".gguf":
-        raise ValueError(f"{path}: is a file but not a .gguf file ({expected})")
+    if path.is_file() and path.suffix not in file_suffixes:
+        what = f"is a file but not a {' or '.join(file_suffixes)} file" if file_suffixes else "is a file, not a folder"
+        raise ValueError(f"{path}: {what} ({expected})")
     if path.is_dir() and not any((path / name).is_file() for name in needs):
         raise FileNotFoundError(f"{path}: the folder has no {' or '.join(needs)} ({expected})")
     return path

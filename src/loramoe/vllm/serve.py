@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import RunStopped
-from ..loading import _loads, local_model_path
+from ..loading import _loads, local_model_path, resolve_model_path
 from .adapter import ADAPTER_KEY, ARCHITECTURES, base_architecture, plan_adapter
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
@@ -37,9 +37,10 @@ def serve_command(base: str, adapter: str, host: str = "127.0.0.1", port: int = 
     ``base`` (a Hugging Face model folder)."""
     from transformers import AutoConfig
 
-    base_path = local_model_path(base, expected=BASE_EXPECTED)
-    if base_path.suffix == ".gguf":
-        raise ValueError(f"{base_path}: a GGUF file ({BASE_EXPECTED}; README 'Serve it' shows how to save one)")
+    gguf = Path(resolve_model_path(base))
+    if gguf.suffix == ".gguf" and gguf.is_file():
+        raise ValueError(f"{gguf}: a GGUF file ({BASE_EXPECTED}; README 'Serve it' shows how to save one)")
+    base_path = local_model_path(base, expected=BASE_EXPECTED, file_suffixes=())
     config = _loads(base_path, "model config", lambda: AutoConfig.from_pretrained(str(base_path)))
     arch = ARCHITECTURES[base_architecture(config)]
     plan = plan_adapter(adapter, config)
