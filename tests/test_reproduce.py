@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -15,6 +16,7 @@ import torch
 from conftest import toy_pretrain_config
 from loramoe.data import encode_record
 from loramoe.evaluate import load_tasks
+from loramoe.outputs import OutputDir
 from loramoe.reproduce import pipeline, tasks
 from loramoe.reproduce.pipeline import METHODS, Plan, build_data, eval_prompt, run_experiment, with_overrides
 from loramoe.reproduce.presets import REAL_FACTS, load_probe, split_probe, tiny_preset
@@ -506,6 +508,38 @@ def test_reproduce_writes_only_into_its_own_or_a_new_folder(toy_base, tmp_path):
     inside = Plan(plan.preset, path / "out", seeds=[0], scales=[1], methods=["base"])
     with pytest.raises(FileExistsError, match="the folder of the base model"):
         run_experiment(inside, log=lambda line: None)
+
+
+def test_a_study_holds_its_folder_while_it_runs_and_releases_it(toy_base, tmp_path):
+    """A second study in the same folder is refused for as long as the first runs (checked from inside the run,
+    through its log), and may start once it has ended."""
+    path, _, _, _ = toy_base
+    plan = Plan(tiny_preset(path, downstream_per_family=1, test_per_family=1, valid_per_family=1), tmp_path / "out",
+                seeds=[0], scales=[1], methods=["base"])  # fmt: skip
+    seen = []
+
+    def try_to_take_the_folder(line: str) -> None:
+        second = OutputDir(plan.out, "--out")
+        try:
+            second.lock("reproduce")
+        except FileExistsError as e:
+            seen.append(str(e))
+        else:
+            second.unlock()
+            seen.append("taken")
+
+    run_experiment(plan, log=try_to_take_the_folder)
+    assert seen and all(f"in use by loramoe reproduce (pid {os.getpid()} on " in line for line in seen), seen
+    after = OutputDir(plan.out, "--out")
+    after.lock("reproduce")
+    busy = OutputDir(tmp_path / "busy", "--out").create()
+    busy.lock("reproduce")
+    manifest = (busy.path / "loramoe-manifest.json").read_text()
+    with pytest.raises(FileExistsError, match="busy: in use by loramoe reproduce"):
+        run_experiment(Plan(plan.preset, busy.path, seeds=[0], scales=[1], methods=["base"]), log=lambda line: None)
+    assert (busy.path / "loramoe-manifest.json").read_text() == manifest  # refused before its manifest is touched
+    after.unlock()
+    busy.unlock()
 
 
 def test_a_runs_fingerprint_does_not_depend_on_where_the_checkout_or_output_is():

@@ -10,8 +10,8 @@ Files are created with the permissions the user's umask gives (some writers, e.g
 The manifest also records which command wrote each entry (``owners``), and a command's ``--overwrite`` deletes
 only its own entries: ``train --overwrite`` replaces the earlier training run, not an evaluation that ``eval
 --out`` wrote into the same folder (it names what it kept). Entries listed before owners were recorded belong to
-whichever command overwrites them. A command that must be alone in its folder (``train``) holds `LOCK` in it
-while it runs (`OutputDir.lock`); a second one fails at once, naming the holder.
+whichever command overwrites them. A command that must be alone in its folder (``train``, ``reproduce``) holds
+`LOCK` in it while it runs (`OutputDir.lock`); a second one fails at once, naming the holder.
 """
 
 from __future__ import annotations

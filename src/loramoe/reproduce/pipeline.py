@@ -13,6 +13,7 @@ Training, evaluation and routing statistics are the library's own (`loramoe.trai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -20,7 +21,7 @@ import random
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 
 from ..errors import RunStopped
 from ..evaluate import EvalSample, evaluate, load_tasks, normalize_answer
+from ..outputs import OutputDir
 from ..quantization import check_options as check_quantization
 from ..routing import routing_profile
 from ..train import NonFiniteLossError, TrainConfig, train
@@ -403,14 +405,32 @@ def choose_lrs(runs: list[dict[str, Any]], scale: float, families: list[str]) ->
     return {"level": level, "lr": chosen}
 
 
-def open_out(out: Path, names: tuple[str, ...], preset: Preset) -> None:
+def open_out(out: Path, names: tuple[str, ...], preset: Preset, lock: bool = False) -> OutputDir:
     """Make ``out`` an output folder of loramoe's (see `loramoe.outputs`): refused when it holds files loramoe did
-    not write or lies inside the base model's folder; ``names`` are listed as loramoe's before they are written."""
+    not write or lies inside the base model's folder; ``names`` are listed as loramoe's before they are written.
+    ``lock``: take the folder's lock first, so a folder in use is refused before its manifest is touched."""
     from ..loading import model_folder
-    from ..outputs import OutputDir
 
     folder = OutputDir(out, "--out", {"the base model": model_folder(preset.model_ref)}, owner="reproduce").claim(names).create()
-    folder.record(names)
+    if lock:
+        folder.lock("reproduce")
+    try:
+        folder.record(names)
+    except BaseException:
+        folder.unlock()  # e.g. a full disk: this process keeps no hold on a folder it will not use
+        raise
+    return folder
+
+
+@contextlib.contextmanager
+def held_out(out: Path, names: tuple[str, ...], preset: Preset) -> Iterator[OutputDir]:
+    """`open_out`, held by this process until the block ends: a second study started in the same folder fails at
+    once, naming the first, instead of training the same runs beside it and racing it for their result files."""
+    folder = open_out(out, names, preset, lock=True)
+    try:
+        yield folder
+    finally:
+        folder.unlock()
 
 
 def scale_order(scales: list[float], decisive_at: str, mastery_scale: float | None = None) -> list[float]:
@@ -436,7 +456,13 @@ def run_experiment(plan: Plan, log: Callable[[str], None] = print) -> dict[str, 
     if plan.knowledge_test is not None:  # checked before anything is written or loaded
         extra = load_probe(plan.knowledge_test)
         check_never_trained_on(extra, p.knowledge()["train"], plan.knowledge_test)
-    open_out(plan.out, OUTPUTS, p)
+    with held_out(plan.out, OUTPUTS, p):
+        return _run_plan(plan, extra, log)
+
+
+def _run_plan(plan: Plan, extra: list[Sample] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """`run_experiment`'s runs, in its checked and held output folder; ``extra``: the --knowledge-test probe."""
+    p = plan.preset
     if p.threads:
         torch.set_num_threads(p.threads)
     base, tokenizer = load_base(p)

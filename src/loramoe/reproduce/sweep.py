@@ -28,8 +28,8 @@ from .pipeline import (
     Preset,
     build_data,
     config_defaults,
+    held_out,
     load_base,
-    open_out,
     planned_steps,
     scorer,
     train_and_measure,
@@ -83,7 +83,13 @@ def run_sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: fl
     Seeds are the outer loop, so an interrupted sweep leaves every setting with about as many seeds.
     """
     out = Path(out)
-    open_out(out, ("work", RESULTS_DIR, "sweep.json", "sweep.md", "sweep.png"), preset)
+    with held_out(out, ("work", RESULTS_DIR, "sweep.json", "sweep.md", "sweep.png"), preset):
+        return _sweep(sweep, preset, out, seeds, scale, steps, log)
+
+
+def _sweep(sweep: str, preset: Preset, out: Path, seeds: list[int], scale: float | None, steps: int | None,
+           log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """`run_sweep`'s runs, in its held output folder."""
     if preset.threads:
         torch.set_num_threads(preset.threads)
     scale = max(preset.scales) if scale is None else scale
