@@ -115,8 +115,10 @@ def test_accumulated_step_moves_the_routers_by_beta_times_the_mean_lbc_gradient(
     settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd", learning_rate=1.0,
                     lr_scheduler_type="constant", train_sampling_strategy="sequential", **options)  # fmt: skip
     trainer = _trainer(LoraMoeSFTTrainer, tiny_llama_dir, data, tok, tmp_path / "a", init_weights=True, **settings)
+    # The same seeded start. A deepcopy of trainer.model would not do: TRL's add_fused_lm_head keeps the original's
+    # bound forward in a closure, so the copy's plain forward runs the original model's layers (its LBC comes out 0).
     reference = _trainer(LoraMoeSFTTrainer, tiny_llama_dir, data, tok, tmp_path / "b", init_weights=True,
-                         **settings).model.train()  # the same seeded start (a deepcopy of a PeftModel runs stale layers)
+                         **settings).model.train()  # fmt: skip
     before = _routers(trainer.model)
     assert all(torch.equal(before[n], p) for n, p in _routers(reference).items())
     trainer.train()
